@@ -1,0 +1,77 @@
+"""The zero-shot classifier head built once from class names and prompt templates."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import open_clip
+import torch
+from open_clip.zero_shot_metadata import SIMPLE_IMAGENET_TEMPLATES
+
+from services.must.errors import ConfigError
+
+# The seven-prompt subset CLIP's authors selected from their 80 ImageNet prompts; it beats the
+# single "a photo of a {}." prompt on most data sets and costs a tenth of the full ensemble.
+DEFAULT_TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in SIMPLE_IMAGENET_TEMPLATES)
+MAX_CLASSES = 10_000
+
+
+def validate_class_names(class_names: Sequence[str]) -> list[str]:
+    """Stripped class names, or a ConfigError that says what is wrong with them."""
+    names = [str(n).strip() for n in class_names]
+    if len(names) < 2:
+        raise ConfigError(f"at least two class names are needed, got {len(names)}")
+    if len(names) > MAX_CLASSES:
+        raise ConfigError(f"at most {MAX_CLASSES} class names are supported, got {len(names)}")
+    if any(not n for n in names):
+        raise ConfigError("class names must not be empty")
+    seen: set[str] = set()
+    dupes = sorted({n for n in names if n in seen or seen.add(n)})  # type: ignore[func-returns-value]
+    if dupes:
+        raise ConfigError(f"class names must be unique; repeated: {', '.join(dupes[:10])}")
+    return names
+
+
+def validate_templates(templates: Sequence[str] | None) -> list[str]:
+    """User templates (each with exactly one `{}`), or the default ensemble."""
+    if templates is None:
+        return list(DEFAULT_TEMPLATES)
+    out = [str(t) for t in templates]
+    if not out:
+        raise ConfigError("templates must not be empty; omit them to use the default ensemble")
+    bad = [t for t in out if t.count("{}") != 1]
+    if bad:
+        raise ConfigError(f"every template needs exactly one '{{}}' for the class name; bad: {bad[:3]}")
+    return out
+
+
+@torch.no_grad()
+def build_text_head(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    class_names: Sequence[str],
+    templates: Sequence[str],
+    device: str | torch.device = "cpu",
+    classes_per_batch: int = 64,
+) -> torch.Tensor:
+    """[embed_dim, num_classes] head: per class, the renormalised mean of its normalised prompt embeddings."""
+    head = open_clip.build_zero_shot_classifier(
+        model,
+        tokenizer,
+        list(class_names),
+        list(templates),
+        num_classes_per_batch=classes_per_batch,
+        device=device,
+    )
+    return head.float().contiguous()
+
+
+def release_text_tower(model: torch.nn.Module) -> None:
+    """Drop the text tower's modules so its memory is freed once the head is built."""
+    for name in ("transformer", "token_embedding", "ln_final", "text"):
+        if hasattr(model, name):
+            setattr(model, name, None)
+    for name in ("positional_embedding", "text_projection"):
+        if hasattr(model, name):
+            setattr(model, name, None)

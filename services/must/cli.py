@@ -1,0 +1,176 @@
+"""Command-line entry points: `must-adapt` (train on a local folder) and `must-predict`.
+
+must-adapt --images DIR --classes cat,dog,bird --model ViT-B-32 --checkpoint clip.safetensors --out run/
+must-predict --model-dir run/classifier photo1.jpg photo2.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from services.must.adapt import adapt
+from services.must.config import MustConfig
+from services.must.data import ImageLoadError, decode_image
+from services.must.errors import ConfigError, MustError
+from services.must.export import load_classifier
+from services.must.loading import ModelSpec
+from services.must.trainer import StepMetrics, TrainerHooks, describe
+
+
+def _classes(value: str) -> list[str]:
+    path = Path(value)
+    if path.is_file():
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [c.strip() for c in value.split(",")]
+
+
+def _templates(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError(f"templates file {value!r} does not exist")
+    return [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
+
+
+def adapt_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="must-adapt", description="Adapt a CLIP to unlabeled images with MUST.")
+    p.add_argument(
+        "--images", required=True, type=Path, help="folder of unlabeled images (searched recursively)"
+    )
+    p.add_argument(
+        "--classes", required=True, help="comma-separated class names, or a file with one per line"
+    )
+    p.add_argument("--out", required=True, type=Path, help="output folder (checkpoints/ and classifier/)")
+    p.add_argument("--model", default="ViT-B-32", help="open_clip architecture name (default ViT-B-32)")
+    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag, e.g. openai (needs the hub)")
+    p.add_argument("--checkpoint", default=None, help="local CLIP weights file (.safetensors, .pt, .bin)")
+    p.add_argument(
+        "--model-config", default=None, help="custom open_clip model config JSON (with --checkpoint)"
+    )
+    p.add_argument("--templates", default=None, help="file of prompt templates, one per line, each with {}")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: derived from data size)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 2e-5 x batch/256)")
+    p.add_argument(
+        "--hparams", default=None, help="JSON object of other hyperparameters, e.g. '{\"mask_ratio\": 0.5}'"
+    )
+    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _config(args: argparse.Namespace) -> MustConfig:
+    try:
+        values = json.loads(args.hparams) if args.hparams else {}
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--hparams is not valid JSON: {exc}") from exc
+    if not isinstance(values, dict):
+        raise ConfigError("--hparams must be a JSON object")
+    for key, value in (("total_steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr)):
+        if value is not None:
+            values[key] = value
+    return MustConfig.from_dict(values)
+
+
+def _spec(args: argparse.Namespace) -> ModelSpec:
+    if args.model_config:
+        return ModelSpec(config=args.model_config, checkpoint=args.checkpoint)
+    return ModelSpec(arch=args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
+
+
+class _ProgressBar:
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar: tqdm | None = None
+
+    def __call__(self, m: StepMetrics) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
+            self.bar = tqdm(total=m.total_steps, initial=m.step - 1, unit="step", dynamic_ncols=True)
+        self.bar.update(1)
+        self.bar.set_postfix(
+            loss=f"{m.losses['loss']:.3f}",
+            conf=f"{m.stats.get('confident_fraction', 0):.2f}",
+            img_s=f"{m.images_per_sec:.0f}",
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def adapt_main(argv: Sequence[str] | None = None) -> int:
+    args = adapt_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    bar = _ProgressBar(args.quiet)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "metrics.jsonl", "a") as metrics_file:
+
+        def on_step(m: StepMetrics) -> None:
+            metrics_file.write(json.dumps(describe(m)) + "\n")
+            bar(m)
+
+        try:
+            result = adapt(
+                args.images,
+                _classes(args.classes),
+                out_dir=args.out,
+                model=_spec(args),
+                templates=_templates(args.templates),
+                config=_config(args),
+                device=args.device,
+                hooks=TrainerHooks(on_step=on_step),
+                max_images=args.max_images,
+            )
+        except MustError as exc:
+            bar.close()
+            print(f"must-adapt: error: {exc}", file=sys.stderr)
+            return 2
+    bar.close()
+    print(
+        f"trained {result.fit.end_step} steps on {result.num_images} images "
+        f"({result.skipped.total} skipped: {result.skipped.counts})"
+    )
+    print(f"classifier written to {result.classifier_dir}")
+    return 0
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="must-predict", description="Classify images with an exported classifier."
+    )
+    p.add_argument("--model-dir", required=True, type=Path, help="an exported classifier folder")
+    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+def predict_main(argv: Sequence[str] | None = None) -> int:
+    args = predict_parser().parse_args(argv)
+    try:
+        classifier = load_classifier(args.model_dir, device=args.device)
+    except MustError as exc:
+        print(f"must-predict: error: {exc}", file=sys.stderr)
+        return 2
+    status = 0
+    for path in args.images:
+        try:
+            image = decode_image(path.read_bytes())
+        except (OSError, ImageLoadError) as exc:
+            print(json.dumps({"image": str(path), "error": str(exc)}))
+            status = 1
+            continue
+        top = classifier.top_k(classifier.predict([image]), args.top_k)[0]
+        print(json.dumps({"image": str(path), "predictions": top}))
+    return status

@@ -1,0 +1,95 @@
+"""ImageClassifier: an image tower plus a class head; what is exported, served and evaluated."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from open_clip.transform import PreprocessCfg
+from open_clip.transformer import VisionTransformer
+from PIL import Image
+from torch import nn
+
+from services.must.classifier import build_text_head, release_text_tower
+from services.must.loading import LoadedClip
+from services.must.network import MustNetwork
+from services.must.transforms import eval_transform
+
+
+class ImageClassifier(nn.Module):
+    """logits = scale * normalize(visual(x)) @ head; no text tower needed at inference."""
+
+    def __init__(
+        self,
+        visual: VisionTransformer,
+        head: torch.Tensor,
+        logit_scale: float,
+        class_names: Sequence[str],
+        preprocess: PreprocessCfg,
+    ) -> None:
+        super().__init__()
+        self.visual = visual
+        self.register_buffer("head", head.detach().clone().float())
+        self.logit_scale = float(logit_scale)
+        self.class_names = list(class_names)
+        self.preprocess_cfg = preprocess
+        self.transform = eval_transform(preprocess)
+
+    @classmethod
+    def from_network(
+        cls, network: MustNetwork, class_names: Sequence[str], preprocess: PreprocessCfg
+    ) -> ImageClassifier:
+        """The classifier part of a trained MustNetwork (the MIM modules are left behind)."""
+        import copy
+
+        visual = copy.deepcopy(network.visual).eval()
+        return cls(visual, network.head.detach(), network.logit_scale, class_names, preprocess)
+
+    @classmethod
+    def zero_shot(
+        cls,
+        clip: LoadedClip,
+        class_names: Sequence[str],
+        templates: Sequence[str],
+        device: str | torch.device = "cpu",
+    ) -> ImageClassifier:
+        """The zero-shot baseline: the CLIP's image tower and a head built from the prompts."""
+        head = build_text_head(clip.model, clip.tokenizer, class_names, templates, device=device)
+        release_text_tower(clip.model)
+        return cls(clip.visual, head, clip.logit_scale, class_names, clip.preprocess).eval()
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.device
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        feats = F.normalize(self.visual(pixels), dim=-1)
+        return self.logit_scale * feats @ self.head.to(feats.dtype)
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """A normalised batch [B, 3, H, W] from PIL images."""
+        return torch.stack([self.transform(im.convert("RGB")) for im in images])
+
+    @torch.no_grad()
+    def predict(self, images: Sequence[Image.Image] | torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Class probabilities [B, K] for PIL images or an already preprocessed batch."""
+        self.eval()
+        pixels = images if isinstance(images, torch.Tensor) else self.preprocess(images)
+        out = [
+            self(pixels[i : i + batch_size].to(self.device)).float().softmax(-1).cpu()
+            for i in range(0, len(pixels), batch_size)
+        ]
+        return torch.cat(out) if out else torch.empty(0, len(self.class_names))
+
+    def top_k(self, probs: torch.Tensor, k: int = 5) -> list[list[dict[str, Any]]]:
+        """[[{"label", "probability"}, ...], ...] for each row of `probs`."""
+        values, indices = probs.topk(min(k, probs.shape[1]), dim=1)
+        return [
+            [
+                {"label": self.class_names[i], "probability": float(p)}
+                for p, i in zip(row_p, row_i, strict=True)
+            ]
+            for row_p, row_i in zip(values.tolist(), indices.tolist(), strict=True)
+        ]

@@ -1,0 +1,199 @@
+"""Build an open_clip CLIP ViT from an architecture name, a local checkpoint or a custom config."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from open_clip.model import CLIP, CustomTextCLIP, set_model_preprocess_cfg
+from open_clip.tokenizer import SimpleTokenizer
+from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+from open_clip.transformer import VisionTransformer
+
+from services.must.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which CLIP to start from.
+
+    - `arch` alone with `pretrained`: an open_clip architecture and pretrained tag (the tag's
+      weights come from open_clip's cache or hub).
+    - `arch` with `checkpoint`: an open_clip architecture and a local weights file.
+    - `config` with `checkpoint`: a custom open_clip model config (a JSON file path or a dict).
+    - `arch` alone: random weights, only meant for benchmarks.
+    """
+
+    arch: str | None = None
+    pretrained: str | None = None
+    checkpoint: str | None = None
+    config: str | dict[str, Any] | None = field(default=None, hash=False)
+
+    def describe(self) -> str:
+        """A short human-readable name for logs and manifests."""
+        name = self.arch or (self.config if isinstance(self.config, str) else "custom-config")
+        source = self.pretrained or self.checkpoint or "random-init"
+        return f"{name} ({source})"
+
+
+@dataclass
+class LoadedClip:
+    """A CLIP ViT plus what is needed to use it: tokenizer, preprocessing and its model config."""
+
+    model: CLIP | CustomTextCLIP
+    tokenizer: Any
+    preprocess: PreprocessCfg
+    model_cfg: dict[str, Any]
+
+    @property
+    def visual(self) -> VisionTransformer:
+        return self.model.visual  # type: ignore[return-value]
+
+    @property
+    def logit_scale(self) -> float:
+        """The model's learned temperature (100 for the public CLIPs), capped at 100 as in CLIP."""
+        return float(self.model.logit_scale.detach().exp().clamp(max=100.0))
+
+
+def _read_config(config: str | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(config, dict):
+        cfg = dict(config)
+    else:
+        path = Path(config)
+        if not path.is_file():
+            raise ModelLoadError(f"model config file {config!r} does not exist")
+        try:
+            cfg = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ModelLoadError(f"model config {config!r} is not valid JSON: {exc}") from exc
+    if isinstance(cfg, dict) and "model_cfg" in cfg:  # open_clip's open_clip_config.json layout
+        wrapper, cfg = cfg, cfg["model_cfg"]
+        if isinstance(cfg, dict) and isinstance(wrapper.get("preprocess_cfg"), dict):
+            cfg = {"preprocess_cfg": wrapper["preprocess_cfg"], **cfg}
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"a model config must be a JSON object, got {type(cfg).__name__}")
+    cfg = dict(cfg)
+    if "vision_cfg" not in cfg or "text_cfg" not in cfg or "embed_dim" not in cfg:
+        raise ModelLoadError("a custom model config needs 'embed_dim', 'vision_cfg' and 'text_cfg' keys")
+    return cfg
+
+
+def resolve_model_config(spec: ModelSpec) -> dict[str, Any]:
+    """The full open_clip model config for a spec, without building the model."""
+    if spec.config is not None:
+        return _read_config(spec.config)
+    if not spec.arch:
+        raise ModelLoadError("a model needs an architecture name or a custom config")
+    cfg = open_clip.get_model_config(spec.arch)
+    if cfg is None:
+        vits = [m for m in open_clip.list_models() if m.startswith("ViT-") and _is_usable_vit(m)]
+        raise ModelLoadError(
+            f"unknown architecture {spec.arch!r}; open_clip ViTs include: {', '.join(vits[:12])}"
+        )
+    if spec.pretrained and open_clip.get_pretrained_cfg(spec.arch, spec.pretrained).get("quick_gelu"):
+        # OpenAI's weights (and some others) were trained with QuickGELU, which the plain
+        # architecture configs (e.g. "ViT-B-32") leave out; open_clip only warns about it.
+        cfg["quick_gelu"] = True
+    return cfg
+
+
+def _is_usable_vit(arch: str) -> bool:
+    try:
+        _check_vit(open_clip.get_model_config(arch) or {}, arch)
+    except ModelLoadError:
+        return False
+    return True
+
+
+def _check_vit(cfg: dict[str, Any], name: str) -> None:
+    vision = cfg.get("vision_cfg", {})
+    if "timm_model_name" in vision or isinstance(vision.get("layers"), list | tuple):
+        raise ModelLoadError(f"{name} does not have an open_clip ViT image tower; MUST needs one")
+    if vision.get("attentional_pool") or vision.get("pool_type", "tok") != "tok":
+        raise ModelLoadError(f"{name} pools its image tokens without a class token; MUST needs one")
+    if "hf_model_name" in cfg.get("text_cfg", {}):
+        raise ModelLoadError(f"{name} uses a Hugging Face text tower, which cannot be loaded offline")
+
+
+def _instantiate(cfg: dict[str, Any]) -> CLIP | CustomTextCLIP:
+    kwargs = {k: v for k, v in cfg.items() if k not in ("custom_text", "preprocess_cfg")}
+    cls = CustomTextCLIP if cfg.get("custom_text") else CLIP
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ModelLoadError(f"invalid model config: {exc}") from exc
+
+
+def _load_weights(model: torch.nn.Module, checkpoint: str, name: str) -> None:
+    if not Path(checkpoint).is_file():
+        raise ModelLoadError(f"checkpoint file {checkpoint!r} does not exist")
+    try:
+        open_clip.load_checkpoint(model, checkpoint, strict=True, weights_only=True)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        first = " ".join(str(exc).split())[:400]  # torch puts the useful part after the first line
+        raise ModelLoadError(f"checkpoint {checkpoint!r} does not match {name}: {first}") from exc
+    except Exception as exc:  # an unreadable file surfaces as many different error types
+        raise ModelLoadError(f"checkpoint {checkpoint!r} cannot be read: {exc}") from exc
+
+
+def _build_from_arch(spec: ModelSpec, cfg: dict[str, Any]) -> CLIP | CustomTextCLIP:
+    assert spec.arch is not None
+    quick_gelu = bool(cfg.get("quick_gelu"))
+    if spec.checkpoint:
+        if not Path(spec.checkpoint).is_file():
+            raise ModelLoadError(f"checkpoint file {spec.checkpoint!r} does not exist")
+        model = open_clip.create_model(spec.arch, pretrained=None, force_quick_gelu=quick_gelu)
+        _load_weights(model, spec.checkpoint, spec.arch)
+        return model
+    try:
+        return open_clip.create_model(spec.arch, pretrained=spec.pretrained, force_quick_gelu=quick_gelu)
+    except RuntimeError as exc:
+        tags = open_clip.list_pretrained_tags_by_model(spec.arch)
+        raise ModelLoadError(
+            f"could not load pretrained weights {spec.pretrained!r} for {spec.arch} (known tags: {tags}): "
+            f"{str(exc)[:300]}. Without network access, download the weights once and pass the file "
+            "as the checkpoint."
+        ) from exc
+
+
+def make_tokenizer(cfg: dict[str, Any], arch: str | None) -> Any:
+    """open_clip's tokenizer for a built-in architecture, else CLIP's BPE at the config's context length."""
+    if arch and open_clip.get_model_config(arch) is not None:
+        return open_clip.get_tokenizer(arch)
+    return SimpleTokenizer(context_length=cfg["text_cfg"].get("context_length", 77))
+
+
+def load_clip(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedClip:
+    """Build the CLIP a spec names, in fp32 and eval mode, on `device`."""
+    cfg = resolve_model_config(spec)
+    name = spec.describe()
+    _check_vit(cfg, name)
+    if spec.config is not None:
+        if spec.pretrained:
+            raise ModelLoadError("a custom config takes a checkpoint file, not a pretrained tag")
+        model = _instantiate(cfg)
+        if spec.checkpoint:
+            _load_weights(model, spec.checkpoint, name)
+    else:
+        model = _build_from_arch(spec, cfg)
+    if not isinstance(model.visual, VisionTransformer):
+        raise ModelLoadError(f"{name} does not have an open_clip ViT image tower; MUST needs one")
+    preprocess = merge_preprocess_dict(
+        PreprocessCfg(), {**getattr(model.visual, "preprocess_cfg", {}), **cfg.get("preprocess_cfg", {})}
+    )
+    preprocess["size"] = model.visual.image_size
+    set_model_preprocess_cfg(model, preprocess)
+    model = model.to(device=device, dtype=torch.float32).eval()
+    return LoadedClip(model, make_tokenizer(cfg, spec.arch), PreprocessCfg(**preprocess), cfg)
+
+
+def preprocess_to_dict(cfg: PreprocessCfg) -> dict[str, Any]:
+    """A JSON-friendly copy of a preprocessing config (tuples become lists)."""
+    return json.loads(json.dumps(asdict(cfg)))

@@ -1,0 +1,80 @@
+"""MustTask: student, EMA teacher and the four MUST losses in one module."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from services.must.config import MustConfig
+from services.must.losses import (
+    alignment_loss,
+    fairness_loss,
+    label_free_stats,
+    masked_image_loss,
+    self_training_loss,
+)
+from services.must.masking import token_mask_to_pixels
+from services.must.network import MustNetwork
+from services.must.teacher import EmaTeacher
+
+
+class MustTask(nn.Module):
+    """`training_forward` returns a dict of named losses with the weighted total under "loss".
+
+    The teacher is an EMA copy held outside the module tree (it is not trained and has its own
+    entry in checkpoints). `threshold` (scalar or per class) and the smoothed class-balance
+    estimate `p_bar` are buffers, so they travel with the task's state dict and resume exactly.
+    """
+
+    def __init__(self, student: MustNetwork, config: MustConfig, threshold: torch.Tensor) -> None:
+        super().__init__()
+        if config.ema_start is None or config.ema_end is None or config.ema_warmup_steps is None:
+            raise ValueError("MustTask needs a resolved config (see config.resolve)")
+        self.student = student
+        self.config = config
+        self.teacher = EmaTeacher(student, config.ema_start, config.ema_end, config.ema_warmup_steps)
+        k = student.num_classes
+        self.register_buffer("threshold", threshold.detach().clone().float())
+        self.register_buffer("p_bar", torch.full((k,), 1.0 / k))
+        self.smooth_fairness = k >= config.fairness_smoothing_classes
+
+    def train(self, mode: bool = True) -> MustTask:
+        super().train(mode)
+        self.teacher.module.eval()
+        return self
+
+    def training_forward(
+        self, weak: torch.Tensor, strong: torch.Tensor, token_mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Losses for one batch: teacher on the weak view, student on the masked strong view."""
+        cfg = self.config
+        with torch.no_grad():
+            teacher_probs = self.teacher.module(weak).float().softmax(-1)
+        cls_token, patch_tokens = self.student.encode(strong, token_mask)
+        logits = self.student.classify(cls_token).float()
+        student_probs = logits.softmax(-1)
+
+        l_self, keep = self_training_loss(logits, teacher_probs, self.threshold)
+        l_fair, p_bar = fairness_loss(student_probs, self.p_bar if self.smooth_fairness else None)
+        if self.smooth_fairness:
+            self.p_bar.copy_(p_bar)
+        zero = logits.sum() * 0.0
+        l_mim = l_align = zero
+        if cfg.mim_weight > 0:
+            pixel_mask = token_mask_to_pixels(token_mask, self.student.grid, self.student.patch)
+            l_mim = masked_image_loss(self.student.decode(patch_tokens).float(), strong.float(), pixel_mask)
+        if cfg.align_weight > 0:
+            l_align = alignment_loss(
+                self.student.project(cls_token).float(),
+                self.student.project(patch_tokens).float(),
+                token_mask,
+            )
+        loss = l_self + cfg.fairness_weight * l_fair + cfg.mim_weight * l_mim + cfg.align_weight * l_align
+        out = {"loss": loss, "self_training": l_self, "fairness": l_fair, "mim": l_mim, "align": l_align}
+        stats = label_free_stats(teacher_probs, student_probs.detach(), keep)
+        out.update({k: torch.tensor(v) for k, v in stats.items()})
+        return out
+
+    def update_teacher(self, step: int) -> float:
+        """EMA step after an optimizer step; returns the decay used."""
+        return self.teacher.update(self.student, step)

@@ -1,0 +1,97 @@
+"""Weak, strong and evaluation views of an image, built from the model's preprocessing config."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from PIL import Image
+from timm.data import rand_augment_transform
+from timm.data.auto_augment import _RAND_INCREASING_TRANSFORMS
+from torchvision import transforms as T
+
+# timm's increasing-severity RandAugment ops without PosterizeIncreasing: at magnitudes near 10
+# (reached through the magnitude noise) it asks for 0 bits, which Pillow >= 11 rejects.
+RAND_AUGMENT_OPS = [op for op in _RAND_INCREASING_TRANSFORMS if op != "PosterizeIncreasing"]
+
+_INTERPOLATION = {
+    "bicubic": T.InterpolationMode.BICUBIC,
+    "bilinear": T.InterpolationMode.BILINEAR,
+    "nearest": T.InterpolationMode.NEAREST,
+}
+
+
+def _size(cfg: PreprocessCfg) -> int:
+    size = cfg.size
+    return int(size if isinstance(size, int) else size[0])
+
+
+def eval_transform(cfg: PreprocessCfg) -> Callable[[Image.Image], torch.Tensor]:
+    """open_clip's own inference preprocessing (resize, centre crop, normalise)."""
+    return image_transform_v2(cfg, is_train=False)
+
+
+def weak_transform(cfg: PreprocessCfg) -> Callable[[Image.Image], torch.Tensor]:
+    """Teacher view: resize the shorter side, random crop, no flip."""
+    size = _size(cfg)
+    return T.Compose(
+        [
+            T.Resize(size, interpolation=_INTERPOLATION.get(cfg.interpolation, T.InterpolationMode.BICUBIC)),
+            T.RandomCrop(size),
+            T.ToTensor(),
+            T.Normalize(cfg.mean, cfg.std),
+        ]
+    )
+
+
+def strong_transform(cfg: PreprocessCfg) -> Callable[[Image.Image], torch.Tensor]:
+    """Student view: random resized crop (scale 0.3-1), flip, RandAugment (2 ops, magnitude 9)."""
+    size = _size(cfg)
+    fill = tuple(round(255 * m) for m in cfg.mean)
+    return T.Compose(
+        [
+            T.RandomResizedCrop(
+                size,
+                scale=(0.3, 1.0),
+                interpolation=_INTERPOLATION.get(cfg.interpolation, T.InterpolationMode.BICUBIC),
+            ),
+            T.RandomHorizontalFlip(),
+            rand_augment_transform(
+                "rand-n2-m9-mstd0.5-inc1",
+                {"translate_const": int(size * 0.45), "img_mean": fill},
+                transforms=RAND_AUGMENT_OPS,
+            ),
+            T.ToTensor(),
+            T.Normalize(cfg.mean, cfg.std),
+        ]
+    )
+
+
+class TwoViews:
+    """(weak, strong) views of one image, reproducible from a per-sample seed.
+
+    torchvision draws from torch's global RNG and timm's RandAugment from `random`'s and numpy's,
+    so all three are seeded per sample and restored afterwards: the views are then a pure
+    function of the sample's position in the schedule, whichever worker draws them, which makes
+    resume exact.
+    """
+
+    def __init__(self, cfg: PreprocessCfg) -> None:
+        self.weak = weak_transform(cfg)
+        self.strong = strong_transform(cfg)
+
+    def __call__(self, image: Image.Image, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                # The CPU generator alone: torch.manual_seed also queues CUDA seeding, ~2 ms a call.
+                torch.default_generator.manual_seed(seed)
+                random.seed(seed)
+                np.random.seed(seed)
+                return self.weak(image), self.strong(image)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)

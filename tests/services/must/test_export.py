@@ -1,0 +1,66 @@
+"""Export and reload of the adapted classifier: same predictions, no pickle, integrity checked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.shapes import iter_domain
+from services.must.adapt import prepare
+from services.must.errors import CheckpointError
+from services.must.export import MANIFEST, WEIGHTS, export_classifier, load_classifier
+from tests.services.must.test_trainer import CLASSES, micro_clip  # noqa: F401 - fixture
+
+
+@pytest.fixture
+def exported(micro_clip, tmp_path: Path):  # noqa: F811
+    prepared = prepare(micro_clip, CLASSES)
+    with torch.no_grad():
+        prepared.network.head.add_(0.01 * torch.randn_like(prepared.network.head))
+    classifier = prepared.classifier()
+    export_classifier(
+        classifier,
+        tmp_path,
+        model_cfg=prepared.clip.model_cfg,
+        templates=prepared.templates,
+        source_model=prepared.source_model(),
+        metrics={"note": "test"},
+    )
+    return classifier, tmp_path
+
+
+def test_round_trip_gives_identical_predictions(exported) -> None:
+    classifier, folder = exported
+    images = [im for im, _ in iter_domain("target", 12, seed=9)]
+    loaded = load_classifier(folder)
+    torch.testing.assert_close(loaded.predict(images), classifier.predict(images), rtol=0, atol=1e-6)
+    assert loaded.class_names == CLASSES
+    assert loaded.predict(images).sum(1).allclose(torch.ones(12))
+
+
+def test_manifest_describes_the_classifier(exported) -> None:
+    _, folder = exported
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert manifest["format"] == "must-classifier/1"
+    assert manifest["model_cfg"]["vision_cfg"]["patch_size"] == 8
+    assert manifest["preprocess"]["size"] == [32, 32]
+    assert manifest["class_names"] == CLASSES and len(manifest["templates"]) == 7
+    assert len(manifest["weights_sha256"]) == 64 and manifest["metrics"] == {"note": "test"}
+    assert (folder / WEIGHTS).read_bytes()[:8] != b"\x80\x04\x95"  # not a pickle stream
+
+
+def test_tampered_weights_are_refused(exported) -> None:
+    _, folder = exported
+    data = bytearray((folder / WEIGHTS).read_bytes())
+    data[-1] ^= 0xFF
+    (folder / WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_classifier(folder)
+
+
+def test_missing_manifest_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="manifest"):
+        load_classifier(tmp_path)

@@ -1,0 +1,129 @@
+"""Training loop: progress, checkpoints, cancellation and exact resume on CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bench.shapes import write_folder
+from services.must.adapt import adapt
+from services.must.checkpoint import read_latest
+from services.must.config import MustConfig
+from services.must.errors import Cancelled
+from services.must.loading import ModelSpec
+from services.must.trainer import StepMetrics, TrainerHooks
+
+MICRO_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {
+        "image_size": 32,
+        "layers": 2,
+        "width": 64,
+        "head_width": 32,
+        "patch_size": 8,
+        "mlp_ratio": 2.0,
+    },
+    "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+CLASSES = ["circle", "square", "triangle", "star"]
+
+
+@pytest.fixture(scope="module")
+def micro_clip(tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
+    """A random-weight micro CLIP saved as config + safetensors checkpoint."""
+    root = tmp_path_factory.mktemp("micro_clip")
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**MICRO_CONFIG)
+    save_file({k: v.clone().contiguous() for k, v in model.state_dict().items()}, str(root / "w.safetensors"))
+    (root / "config.json").write_text(json.dumps(MICRO_CONFIG))
+    return ModelSpec(config=str(root / "config.json"), checkpoint=str(root / "w.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("images")
+    write_folder("target", 40, seed=3, out=folder)
+    return folder
+
+
+def _config(**overrides: object) -> MustConfig:
+    values = {"total_steps": 6, "batch_size": 8, "lr": 1e-3, "checkpoint_every": 2, "seed": 5}
+    return MustConfig.from_dict({**values, **overrides})
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    tensors = load_file(str(path))
+    return {k: v for k, v in tensors.items() if k.startswith(("task.", "teacher.", "optim."))}
+
+
+def test_progress_and_checkpoints(micro_clip: ModelSpec, images: Path, tmp_path: Path) -> None:
+    seen: list[StepMetrics] = []
+    adapt(
+        images, CLASSES, out_dir=tmp_path, model=micro_clip, config=_config(), hooks=TrainerHooks(seen.append)
+    )
+    assert [m.step for m in seen] == [1, 2, 3, 4, 5, 6]
+    assert all(m.total_steps == 6 and m.images_per_sec > 0 for m in seen)
+    assert {"loss", "self_training", "fairness", "mim", "align"} <= set(seen[-1].losses)
+    assert {"confident_fraction", "agreement", "mean_pred_entropy"} <= set(seen[-1].stats)
+    assert all(torch.isfinite(torch.tensor(list(m.losses.values()))).all() for m in seen)
+    latest = read_latest(tmp_path / "checkpoints")
+    assert latest is not None and latest["step"] == 6
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*.safetensors"))
+    assert kept == ["step-000004.safetensors", "step-000006.safetensors"]
+    manifest = json.loads((tmp_path / "classifier" / "manifest.json").read_text())
+    assert manifest["class_names"] == CLASSES and manifest["network"] == "teacher"
+
+
+def test_cancel_then_resume_matches_uninterrupted_run(
+    micro_clip: ModelSpec, images: Path, tmp_path: Path
+) -> None:
+    full = tmp_path / "full"
+    adapt(images, CLASSES, out_dir=full, model=micro_clip, config=_config())
+
+    interrupted = tmp_path / "interrupted"
+    steps_before: list[int] = []
+
+    def cancel_at_three() -> bool:
+        return len(steps_before) == 3
+
+    hooks = TrainerHooks(on_step=lambda m: steps_before.append(m.step), should_cancel=cancel_at_three)
+    with pytest.raises(Cancelled):
+        adapt(images, CLASSES, out_dir=interrupted, model=micro_clip, config=_config(), hooks=hooks)
+    assert read_latest(interrupted / "checkpoints")["step"] == 3
+
+    resumed_steps: list[int] = []
+    adapt(
+        images,
+        CLASSES,
+        out_dir=interrupted,
+        model=micro_clip,
+        config=_config(),
+        hooks=TrainerHooks(on_step=lambda m: resumed_steps.append(m.step)),
+    )
+    assert resumed_steps == [4, 5, 6]
+
+    expected = _state(full / "checkpoints" / "step-000006.safetensors")
+    actual = _state(interrupted / "checkpoints" / "step-000006.safetensors")
+    assert expected.keys() == actual.keys()
+    assert any(k.startswith("teacher.") for k in expected) and any(k.startswith("optim.") for k in expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    before = load_file(str(micro_clip.checkpoint))["visual.conv1.weight"]
+    assert not torch.allclose(expected["task.student.visual.conv1.weight"], before), (
+        "training changed nothing"
+    )
+
+
+def test_resume_refuses_a_corrupt_checkpoint(micro_clip: ModelSpec, images: Path, tmp_path: Path) -> None:
+    adapt(images, CLASSES, out_dir=tmp_path, model=micro_clip, config=_config(total_steps=2))
+    weights = tmp_path / "checkpoints" / "step-000002.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")
+    from services.must.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="checksum"):
+        adapt(images, CLASSES, out_dir=tmp_path, model=micro_clip, config=_config(total_steps=4))
