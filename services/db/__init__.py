@@ -1,0 +1,1 @@
+"""The job database: declarative base, engine/session factories, models and migrations."""

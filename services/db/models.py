@@ -1,0 +1,93 @@
+"""ORM models of the job database: adaptation jobs and their metric history."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Enum, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from services.db.base import Base
+from services.db.types import UTCDateTime, utcnow
+from services.jobs.states import JobPhase, JobStatus
+
+# Stored as VARCHAR with the enum *values*, not a native PostgreSQL ENUM, so adding a status
+# needs no ALTER TYPE and SQLite behaves the same.
+# https://docs.sqlalchemy.org/en/20/core/type_basics.html#sqlalchemy.types.Enum
+_STATUS = Enum(JobStatus, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
+_PHASE = Enum(JobPhase, native_enum=False, length=32, values_callable=lambda e: [m.value for m in e])
+# SQLite only auto-increments an INTEGER PRIMARY KEY, not a BIGINT one.
+_BIG_ID = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def new_job_id() -> str:
+    """A fresh random job id."""
+    return str(uuid.uuid4())
+
+
+class Job(Base):
+    """One adaptation job: its request, lifecycle, progress, lease and results."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        Index("ix_jobs_status_created_at", "status", "created_at"),
+        Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_job_id)
+    status: Mapped[JobStatus] = mapped_column(_STATUS, default=JobStatus.QUEUED)
+    phase: Mapped[JobPhase | None] = mapped_column(_PHASE)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    num_classes: Mapped[int] = mapped_column(Integer, default=0)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    celery_task_id: Mapped[str | None] = mapped_column(String(255))
+
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    total_steps: Mapped[int | None] = mapped_column(Integer)
+    epoch: Mapped[int | None] = mapped_column(Integer)
+    images_per_sec: Mapped[float | None] = mapped_column()
+    eta_seconds: Mapped[float | None] = mapped_column()
+    latest_metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    images_used: Mapped[int] = mapped_column(Integer, default=0)
+    images_skipped: Mapped[int] = mapped_column(Integer, default=0)
+    skipped_reasons: Mapped[dict[str, int] | None] = mapped_column(JSON)
+
+    artifact_uri: Mapped[str | None] = mapped_column(Text)
+    checkpoint_uri: Mapped[str | None] = mapped_column(Text)
+    artifact_sha256: Mapped[str | None] = mapped_column(String(64))
+
+    error_type: Mapped[str | None] = mapped_column(String(255))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    error_traceback: Mapped[str | None] = mapped_column(Text)
+
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+
+    metrics: Mapped[list[JobMetric]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", passive_deletes=True, lazy="raise"
+    )
+
+
+class JobMetric(Base):
+    """One row of a job's metric history (for plots), keyed by training step."""
+
+    __tablename__ = "job_metrics"
+    __table_args__ = (Index("ix_job_metrics_job_id_step", "job_id", "step"),)
+
+    id: Mapped[int] = mapped_column(_BIG_ID, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"))
+    step: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    values: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+    job: Mapped[Job] = relationship(back_populates="metrics", lazy="raise")

@@ -1,0 +1,1 @@
+"""Adaptation job lifecycle: the state machine and the database repository."""

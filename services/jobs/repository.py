@@ -1,0 +1,266 @@
+"""Job database operations: keyword-only functions taking a Session; each mutation commits.
+
+Status changes are conditional `UPDATE ... WHERE status IN (<allowed sources>)` statements, so two
+processes racing on the same job cannot both succeed (PostgreSQL re-checks the WHERE clause on the
+locked row under READ COMMITTED; SQLite serialises writers).
+https://www.postgresql.org/docs/15/transaction-iso.html#XACT-READ-COMMITTED
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import ColumnElement, CursorResult, Update, func, literal, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from services.db.models import Job, JobMetric
+from services.db.types import UTCDateTime, utcnow
+from services.errors import InvalidRequest, JobNotFound
+from services.jobs.states import JobPhase, JobStatus, check_transition, sources_of
+
+# Tracebacks are kept for debugging, not archiving; the tail holds the frame that raised.
+MAX_TRACEBACK_CHARS = 20_000
+MAX_ERROR_MESSAGE_CHARS = 4_000
+
+
+def create_job(session: Session, *, request: dict[str, Any], idempotency_key: str | None) -> Job:
+    """Insert a queued job, or return the job already created with the same idempotency key."""
+    if idempotency_key is not None:
+        existing = _find_by_key(session, idempotency_key)
+        if existing is not None:
+            return _same_request(existing, request)
+    num_classes = len(request.get("class_names", []))
+    job = Job(request=request, idempotency_key=idempotency_key, num_classes=num_classes)
+    session.add(job)
+    try:
+        session.commit()
+    except IntegrityError:
+        # Another request with the same key won the insert race: hand back its job.
+        session.rollback()
+        existing = _find_by_key(session, idempotency_key) if idempotency_key is not None else None
+        if existing is None:
+            raise
+        return _same_request(existing, request)
+    return job
+
+
+def _find_by_key(session: Session, key: str) -> Job | None:
+    return session.scalars(select(Job).where(Job.idempotency_key == key)).one_or_none()
+
+
+def _same_request(job: Job, request: dict[str, Any]) -> Job:
+    """Refuse an idempotency key reused for a different request, as a retry must resend the same body."""
+    if job.request != request:
+        raise InvalidRequest("this Idempotency-Key was already used with a different request")
+    return job
+
+
+def get_job(session: Session, job_id: str) -> Job:
+    """The job with this id, fresh from the database; JobNotFound if there is none."""
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None:
+        raise JobNotFound(job_id)
+    return job
+
+
+def list_jobs(
+    session: Session, *, status: JobStatus | None = None, limit: int = 50, offset: int = 0
+) -> tuple[list[Job], int]:
+    """One page of jobs, newest first, and the total count matching the filter."""
+    where = [Job.status == status] if status is not None else []
+    total = session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
+    page = select(Job).where(*where).order_by(Job.created_at.desc(), Job.id.desc())
+    return list(session.scalars(page.limit(limit).offset(offset))), total
+
+
+def _execute(session: Session, stmt: Update) -> int:
+    """Run one UPDATE, commit, and return how many rows it changed."""
+    result = cast(CursorResult[Any], session.execute(stmt.execution_options(synchronize_session=False)))
+    session.commit()
+    return result.rowcount
+
+
+def _transition(
+    session: Session,
+    job_id: str,
+    new: JobStatus,
+    values: dict[str, Any],
+    *,
+    guard: tuple[ColumnElement[bool], ...] = (),
+    sources: frozenset[JobStatus] | None = None,
+) -> bool:
+    """Move a job to `new` if its status allows it and `guard` holds; False if only the guard failed."""
+    allowed = sources if sources is not None else sources_of(new)
+    stmt = update(Job).where(Job.id == job_id, Job.status.in_(allowed), *guard)
+    rowcount = _execute(session, stmt.values(status=new, updated_at=utcnow(), **values))
+    if rowcount == 1:
+        return True
+    job = get_job(session, job_id)
+    if job.status != new and job.status not in allowed:
+        check_transition(job.status, new, job_id=job_id)
+    return False
+
+
+def _update_running(session: Session, job_id: str, values: dict[str, Any], owner: str | None) -> bool:
+    """Update fields of a running job (held by `owner` when given); False if it is not running or not held."""
+    stmt = update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING, *_owned_by(owner))
+    rowcount = _execute(session, stmt.values(updated_at=utcnow(), **values))
+    if rowcount == 0:
+        get_job(session, job_id)
+    return rowcount == 1
+
+
+def _owned_by(owner: str | None) -> tuple[ColumnElement[bool], ...]:
+    return () if owner is None else (Job.lease_owner == owner,)
+
+
+def mark_running(
+    session: Session, job_id: str, *, owner: str, lease_seconds: float, now: datetime | None = None
+) -> bool:
+    """Take the job's lease: wins only if queued, or running with an expired lease or the same owner.
+
+    False means another worker holds a live lease; a finished job raises InvalidJobTransition.
+    """
+    now = now or utcnow()
+    takeover = or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now, Job.lease_owner == owner)
+    values = {
+        "lease_owner": owner,
+        "lease_expires_at": now + timedelta(seconds=lease_seconds),
+        "heartbeat_at": now,
+        "started_at": func.coalesce(Job.started_at, literal(now, UTCDateTime())),
+    }
+    guard = (or_(Job.status != JobStatus.RUNNING, takeover),)
+    sources = sources_of(JobStatus.RUNNING) | {JobStatus.RUNNING}
+    return _transition(session, job_id, JobStatus.RUNNING, values, guard=guard, sources=sources)
+
+
+def heartbeat(
+    session: Session, job_id: str, *, owner: str, lease_seconds: float, now: datetime | None = None
+) -> bool:
+    """Extend the lease held by `owner`; False if the job was taken over, requeued or finished."""
+    now = now or utcnow()
+    values = {"heartbeat_at": now, "lease_expires_at": now + timedelta(seconds=lease_seconds)}
+    return _update_running(session, job_id, values, owner)
+
+
+def update_progress(
+    session: Session,
+    job_id: str,
+    *,
+    owner: str | None = None,
+    step: int | None = None,
+    total_steps: int | None = None,
+    epoch: int | None = None,
+    images_per_sec: float | None = None,
+    eta_seconds: float | None = None,
+    images_used: int | None = None,
+    images_skipped: int | None = None,
+    skipped_reasons: dict[str, int] | None = None,
+    checkpoint_uri: str | None = None,
+) -> bool:
+    """Record the given progress fields (None leaves a field unchanged) of a running job."""
+    fields = {
+        "step": step,
+        "total_steps": total_steps,
+        "epoch": epoch,
+        "images_per_sec": images_per_sec,
+        "eta_seconds": eta_seconds,
+        "images_used": images_used,
+        "images_skipped": images_skipped,
+        "skipped_reasons": skipped_reasons,
+        "checkpoint_uri": checkpoint_uri,
+    }
+    return _update_running(session, job_id, {k: v for k, v in fields.items() if v is not None}, owner)
+
+
+def set_phase(session: Session, job_id: str, *, phase: JobPhase, owner: str | None = None) -> bool:
+    """Record what the running job is doing now."""
+    return _update_running(session, job_id, {"phase": phase}, owner)
+
+
+def set_celery_task_id(session: Session, job_id: str, *, task_id: str) -> None:
+    """Remember the broker's task id, for inspection in Flower."""
+    get_job(session, job_id).celery_task_id = task_id
+    session.commit()
+
+
+def append_metrics(session: Session, job_id: str, *, step: int, values: dict[str, Any]) -> JobMetric:
+    """Add one metrics row to the job's history and make it the job's latest metrics."""
+    get_job(session, job_id).latest_metrics = values
+    metric = JobMetric(job_id=job_id, step=step, values=values)
+    session.add(metric)
+    session.commit()
+    return metric
+
+
+def list_metrics(session: Session, job_id: str, *, since_step: int = 0, limit: int = 1000) -> list[JobMetric]:
+    """The job's metric history from `since_step` on (inclusive), in step order."""
+    get_job(session, job_id)
+    stmt = select(JobMetric).where(JobMetric.job_id == job_id, JobMetric.step >= since_step)
+    return list(session.scalars(stmt.order_by(JobMetric.step, JobMetric.id).limit(limit)))
+
+
+def _finished(now: datetime) -> dict[str, Any]:
+    return {"finished_at": now, "lease_owner": None, "lease_expires_at": None}
+
+
+def mark_succeeded(
+    session: Session, job_id: str, *, artifact_uri: str, artifact_sha256: str, owner: str | None = None
+) -> bool:
+    """Finish the job with its published artifact; False if `owner` no longer holds it."""
+    values = {**_finished(utcnow()), "artifact_uri": artifact_uri, "artifact_sha256": artifact_sha256}
+    return _transition(session, job_id, JobStatus.SUCCEEDED, values, guard=_owned_by(owner))
+
+
+def mark_failed(
+    session: Session,
+    job_id: str,
+    *,
+    error_type: str,
+    message: str,
+    traceback: str | None = None,
+    owner: str | None = None,
+) -> bool:
+    """Finish the job as failed, keeping the error and the tail of its traceback."""
+    values = {
+        **_finished(utcnow()),
+        "error_type": error_type[:255],
+        "error_message": message[:MAX_ERROR_MESSAGE_CHARS],
+        "error_traceback": traceback[-MAX_TRACEBACK_CHARS:] if traceback else None,
+    }
+    return _transition(session, job_id, JobStatus.FAILED, values, guard=_owned_by(owner))
+
+
+def mark_cancelled(session: Session, job_id: str, *, owner: str | None = None) -> bool:
+    """Finish the job as cancelled (the worker noticed `cancel_requested`, or it never started)."""
+    return _transition(session, job_id, JobStatus.CANCELLED, _finished(utcnow()), guard=_owned_by(owner))
+
+
+def request_cancel(session: Session, job_id: str) -> Job:
+    """Cancel a queued job at once; ask a running one to stop. Repeating it is harmless."""
+    queued_only = frozenset({JobStatus.QUEUED})
+    if _transition(session, job_id, JobStatus.CANCELLED, _finished(utcnow()), sources=queued_only):
+        return get_job(session, job_id)
+    flagged = _update_running(session, job_id, {"cancel_requested": True}, owner=None)
+    job = get_job(session, job_id)
+    if not flagged and job.status != JobStatus.CANCELLED:
+        check_transition(job.status, JobStatus.CANCELLED, job_id=job_id)
+    return job
+
+
+def requeue_stale(session: Session, *, now: datetime | None = None) -> list[str]:
+    """Put running jobs whose lease expired back in the queue (cancel those asked to stop)."""
+    now = now or utcnow()
+    expired = (Job.lease_expires_at < now,)
+    stale = session.scalars(select(Job.id).where(Job.status == JobStatus.RUNNING, *expired)).all()
+    requeued = []
+    for job_id in stale:
+        cancelled = (Job.cancel_requested.is_(True),)
+        if _transition(session, job_id, JobStatus.CANCELLED, _finished(now), guard=expired + cancelled):
+            continue
+        values = {"lease_owner": None, "lease_expires_at": None, "attempts": Job.attempts + 1}
+        if _transition(session, job_id, JobStatus.QUEUED, values, guard=expired):
+            requeued.append(job_id)
+    return requeued

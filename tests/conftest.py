@@ -1,0 +1,125 @@
+"""Shared fixtures: real PostgreSQL databases, SQLite files and a real S3-compatible server (moto)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Maintenance database used to create and drop one throw-away database per test.
+PG_ADMIN_URL = os.environ.get("MUST_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _pg_admin_connect() -> Any:
+    """An autocommit connection to the maintenance DB (CREATE/DROP DATABASE cannot run in a transaction)."""
+    import psycopg
+
+    try:
+        return psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL is unreachable at {PG_ADMIN_URL} ({exc}); set MUST_TEST_PG_ADMIN_URL")
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A SQLAlchemy URL of a fresh, uniquely named PostgreSQL database, dropped after the test."""
+    from sqlalchemy.engine import make_url
+
+    name = f"must_test_{uuid.uuid4().hex[:12]}"
+    with _pg_admin_connect() as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield (
+        make_url(PG_ADMIN_URL)
+        .set(drivername="postgresql+psycopg", database=name)
+        .render_as_string(hide_password=False)
+    )
+    with _pg_admin_connect() as conn:
+        # FORCE ends connections a test forgot to close (PostgreSQL >= 13).
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A SQLAlchemy URL of a SQLite file in the test's temporary folder."""
+    return f"sqlite:///{tmp_path / 'must.db'}"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"moto_server exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"moto_server did not answer at {url} within {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The endpoint URL of a real S3-compatible HTTP server (moto_server) for this test session."""
+    server = Path(sys.executable).parent / "moto_server"
+    if not server.exists():
+        pytest.skip("moto_server is not installed: pip install 'moto[server]'")
+    port = _free_port()
+    log = (tmp_path_factory.mktemp("moto") / "moto_server.log").open("wb")
+    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
+    endpoint = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+            mp.delenv(name, raising=False)
+        try:
+            _wait_http(endpoint, proc)
+            yield endpoint
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+
+
+@pytest.fixture
+def s3_client(moto_s3: str) -> Any:
+    """A boto3 S3 client on the moto server, built the way the platform builds its clients."""
+    from services.config import StorageSettings
+    from services.storage.s3 import make_s3_client
+
+    return make_s3_client(StorageSettings(artifacts_uri="s3://must-artifacts", s3_endpoint_url=moto_s3))
+
+
+@pytest.fixture
+def bucket(s3_client: Any) -> Iterator[str]:
+    """A uniquely named, empty bucket; emptied and removed after the test."""
+    name = f"test-{uuid.uuid4().hex[:16]}"
+    s3_client.create_bucket(Bucket=name)
+    yield name
+    for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=name):
+        objects = [{"Key": obj["Key"]} for obj in page.get("Contents", ())]
+        if objects:
+            s3_client.delete_objects(Bucket=name, Delete={"Objects": objects, "Quiet": True})
+    s3_client.delete_bucket(Bucket=name)
