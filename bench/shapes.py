@@ -40,12 +40,12 @@ DOMAINS = ("source", "target")
 class TargetStyle:
     """Strength of the target domain's shift; the bench's targets were tuned with these values."""
 
-    outline_prob: float = 0.55
+    outline_prob: float = 0.3
     stroke_px: tuple[int, int] = (3, 6)
-    contrast: tuple[float, float] = (0.25, 0.6)
-    clutter_items: tuple[int, int] = (3, 8)
-    noise_std: float = 0.10
-    blur_radius: tuple[float, float] = (0.0, 0.8)
+    contrast: tuple[float, float] = (0.45, 0.8)
+    clutter_items: tuple[int, int] = (1, 4)
+    noise_std: float = 0.06
+    blur_radius: tuple[float, float] = (0.0, 0.5)
 
 
 def _star(points: int, inner: float) -> list[tuple[float, float]]:

@@ -76,12 +76,14 @@ class ImageClassifier(nn.Module):
     def predict(self, images: Sequence[Image.Image] | torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """Class probabilities [B, K] for PIL images or an already preprocessed batch."""
         self.eval()
+        if len(images) == 0:
+            return torch.empty(0, len(self.class_names))
         pixels = images if isinstance(images, torch.Tensor) else self.preprocess(images)
         out = [
             self(pixels[i : i + batch_size].to(self.device)).float().softmax(-1).cpu()
             for i in range(0, len(pixels), batch_size)
         ]
-        return torch.cat(out) if out else torch.empty(0, len(self.class_names))
+        return torch.cat(out)
 
     def top_k(self, probs: torch.Tensor, k: int = 5) -> list[list[dict[str, Any]]]:
         """[[{"label", "probability"}, ...], ...] for each row of `probs`."""

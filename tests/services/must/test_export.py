@@ -47,8 +47,10 @@ def test_manifest_describes_the_classifier(exported) -> None:
     assert manifest["format"] == "must-classifier/1"
     assert manifest["model_cfg"]["vision_cfg"]["patch_size"] == 8
     assert manifest["preprocess"]["size"] == [32, 32]
-    assert manifest["class_names"] == CLASSES and len(manifest["templates"]) == 7
-    assert len(manifest["weights_sha256"]) == 64 and manifest["metrics"] == {"note": "test"}
+    assert manifest["class_names"] == CLASSES
+    assert len(manifest["templates"]) == 7
+    assert len(manifest["weights_sha256"]) == 64
+    assert manifest["metrics"] == {"note": "test"}
     assert (folder / WEIGHTS).read_bytes()[:8] != b"\x80\x04\x95"  # not a pickle stream
 
 

@@ -72,11 +72,13 @@ def test_progress_and_checkpoints(micro_clip: ModelSpec, images: Path, tmp_path:
     assert {"confident_fraction", "agreement", "mean_pred_entropy"} <= set(seen[-1].stats)
     assert all(torch.isfinite(torch.tensor(list(m.losses.values()))).all() for m in seen)
     latest = read_latest(tmp_path / "checkpoints")
-    assert latest is not None and latest["step"] == 6
+    assert latest is not None
+    assert latest["step"] == 6
     kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*.safetensors"))
     assert kept == ["step-000004.safetensors", "step-000006.safetensors"]
     manifest = json.loads((tmp_path / "classifier" / "manifest.json").read_text())
-    assert manifest["class_names"] == CLASSES and manifest["network"] == "teacher"
+    assert manifest["class_names"] == CLASSES
+    assert manifest["network"] == "teacher"
 
 
 def test_cancel_then_resume_matches_uninterrupted_run(
@@ -110,7 +112,8 @@ def test_cancel_then_resume_matches_uninterrupted_run(
     expected = _state(full / "checkpoints" / "step-000006.safetensors")
     actual = _state(interrupted / "checkpoints" / "step-000006.safetensors")
     assert expected.keys() == actual.keys()
-    assert any(k.startswith("teacher.") for k in expected) and any(k.startswith("optim.") for k in expected)
+    assert any(k.startswith("teacher.") for k in expected)
+    assert any(k.startswith("optim.") for k in expected)
     for name, value in expected.items():
         torch.testing.assert_close(actual[name], value, rtol=1e-5, atol=1e-6, msg=name)
     before = load_file(str(micro_clip.checkpoint))["visual.conv1.weight"]
@@ -127,3 +130,24 @@ def test_resume_refuses_a_corrupt_checkpoint(micro_clip: ModelSpec, images: Path
 
     with pytest.raises(CheckpointError, match="checksum"):
         adapt(images, CLASSES, out_dir=tmp_path, model=micro_clip, config=_config(total_steps=4))
+
+
+def test_bf16_autocast_runs_and_auto_stays_fp32_on_cpu(
+    micro_clip: ModelSpec, images: Path, tmp_path: Path
+) -> None:
+    from services.must.trainer import autocast_dtype
+
+    assert autocast_dtype("auto", torch.device("cpu")) is None
+    assert autocast_dtype("fp32", torch.device("cuda")) is None
+    assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    seen: list[StepMetrics] = []
+    adapt(
+        images,
+        CLASSES,
+        out_dir=tmp_path,
+        model=micro_clip,
+        config=_config(total_steps=2, precision="bf16"),
+        hooks=TrainerHooks(seen.append),
+    )
+    assert len(seen) == 2
+    assert all(torch.isfinite(torch.tensor(list(m.losses.values()))).all() for m in seen)

@@ -1,0 +1,162 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from services.must.config import MustConfig, default_epochs, resolve
+from services.must.errors import ConfigError
+
+
+def test_from_dict_rejects_unknown_keys_by_name() -> None:
+    with pytest.raises(ConfigError, match="unknown hyperparameters: learning_rate, mask_ratoi"):
+        MustConfig.from_dict({"batch_size": 32, "mask_ratoi": 0.5, "learning_rate": 1e-4})
+
+
+def test_from_dict_builds_and_validates() -> None:
+    config = MustConfig.from_dict(
+        {"batch_size": 32, "mask_ratio": 0.5, "threshold_mode": "per_class_quantile"}
+    )
+    assert config == MustConfig(batch_size=32, mask_ratio=0.5, threshold_mode="per_class_quantile")
+    assert MustConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="mask_ratio"):
+        MustConfig.from_dict({"mask_ratio": 1.0})
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"mask_ratio": 1.0}, "mask_ratio must be in"),
+        ({"mask_ratio": -0.1}, "mask_ratio must be in"),
+        ({"threshold_mode": "fixed"}, "'fixed' needs threshold"),
+        ({"threshold_mode": "fixed", "threshold": 1.0}, "threshold must be in"),
+        ({"batch_size": 1}, "batch_size must be at least 2"),
+        ({"total_steps": 0}, "total_steps must be positive"),
+        ({"threshold_quantile": 1.0}, "threshold_quantile"),
+        ({"layer_decay": 0.0}, "layer_decay"),
+        ({"lr": 0.0}, "learning rates must be positive"),
+        ({"mim_weight": -1.0}, "loss weights"),
+    ],
+)
+def test_validate_rejects(values: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        MustConfig(**values).validate()  # type: ignore[arg-type]
+
+
+def test_validate_accepts_fixed_threshold_and_defaults() -> None:
+    assert MustConfig().validate() == MustConfig()
+    assert MustConfig(threshold_mode="fixed", threshold=0.3).validate().threshold == 0.3
+    assert MustConfig(mask_ratio=0.0).validate().mask_ratio == 0.0
+
+
+# --- resolve(): the documented default rules -----------------------------------------------------
+
+
+def test_default_epochs_rule() -> None:
+    # clamp(20 * sqrt(10_000 / n), 3, 30)
+    assert default_epochs(10_000) == pytest.approx(20.0)
+    assert default_epochs(40_000) == pytest.approx(10.0)
+    assert default_epochs(500) == pytest.approx(30.0)  # 89.4 clamped
+    assert default_epochs(1_000_000) == pytest.approx(3.0)  # 2 clamped
+
+
+def test_resolve_small_data_set() -> None:
+    resolved = resolve(MustConfig(), 500)
+    # epochs = clamp(20 * sqrt(20), 3, 30) = 30; steps = ceil(30 * 500 / 64) = ceil(234.375) = 235
+    assert resolved.total_steps == 235
+    assert resolved.batch_size == 64
+    assert resolved.lr == pytest.approx(2e-5 * 64 / 256)
+    assert resolved.warmup_steps == 11  # 5% of 235
+    assert resolved.ema_end == pytest.approx(1 - 10 / 235)  # below 0.9998: the short schedule lowers it
+    assert resolved.ema_start == pytest.approx(1 - 10 / 235)  # 0.99 capped at ema_end
+    assert resolved.ema_warmup_steps == 23  # a tenth of the schedule
+    assert resolved.threshold is None
+
+
+def test_resolve_large_data_set() -> None:
+    resolved = resolve(MustConfig(), 1_000_000)
+    # epochs = clamp(20 * sqrt(0.01), 3, 30) = 3; ceil(3 * 1e6 / 64) = 46,875 -> capped at 20,000
+    assert resolved.total_steps == 20_000
+    assert resolved.lr == pytest.approx(5e-6)
+    assert resolved.warmup_steps == 1_000
+    assert resolved.ema_end == pytest.approx(min(0.9998, 1 - 10 / 20_000))  # 0.9995
+    assert resolved.ema_start == pytest.approx(0.999)  # 50k images or more
+    assert resolved.ema_warmup_steps == 2_000
+
+
+def test_resolve_medium_data_set() -> None:
+    resolved = resolve(MustConfig(batch_size=128), 10_000)
+    # 20 epochs of 10,000 images in batches of 128: ceil(1562.5) = 1563 steps
+    assert resolved.total_steps == 1_563
+    assert resolved.lr == pytest.approx(2e-5 * 128 / 256)
+    assert resolved.ema_start == pytest.approx(0.99)
+    assert resolved.ema_end == pytest.approx(1 - 10 / 1_563)
+    assert resolved.ema_warmup_steps == 156
+
+
+def test_resolve_very_long_schedule_reaches_paper_ema() -> None:
+    resolved = resolve(MustConfig(total_steps=100_000), 1_000_000)
+    assert resolved.ema_end == pytest.approx(0.9998)
+
+
+def test_resolve_clips_batch_to_the_images_and_keeps_at_least_100_steps() -> None:
+    resolved = resolve(MustConfig(batch_size=64), 20)
+    assert resolved.batch_size == 20
+    assert resolved.total_steps == 100  # 30 epochs of one batch = 30 steps, raised to the minimum
+    assert resolved.lr == pytest.approx(2e-5 * 20 / 256)
+    assert resolved.ema_warmup_steps == 20
+
+
+@pytest.mark.parametrize("num_images", [2, 37, 500, 5_000, 49_999, 50_000, 300_000, 2_000_000])
+def test_resolve_invariants(num_images: int) -> None:
+    resolved = resolve(MustConfig(), num_images)
+    steps = resolved.total_steps
+    assert steps is not None
+    assert 100 <= steps <= 20_000
+    assert 2 <= resolved.batch_size <= 64
+    assert resolved.ema_start is not None
+    assert resolved.ema_end is not None
+    assert resolved.ema_start <= resolved.ema_end <= 0.9998
+    assert 1 / (1 - resolved.ema_end) <= steps / 10 + 1e-6  # the teacher can move within the run
+    assert resolved.ema_warmup_steps is not None
+    assert 20 <= resolved.ema_warmup_steps <= 2_000
+    assert resolved.warmup_steps is not None
+    assert 1 <= resolved.warmup_steps < steps
+    expected_epochs = min(30.0, max(3.0, 20.0 * math.sqrt(10_000 / num_images)))
+    expected_steps = min(20_000, max(100, math.ceil(expected_epochs * num_images / resolved.batch_size)))
+    assert steps == expected_steps
+
+
+def test_resolve_keeps_explicit_values() -> None:
+    config = MustConfig(
+        total_steps=50,
+        lr=1e-3,
+        warmup_steps=7,
+        ema_start=0.5,
+        ema_end=0.9,
+        ema_warmup_steps=3,
+        threshold_mode="fixed",
+        threshold=0.4,
+    )
+    resolved = resolve(config, 500)
+    assert resolved.total_steps == 50
+    assert resolved.lr == 1e-3
+    assert resolved.warmup_steps == 7
+    assert resolved.ema_start == 0.5
+    assert resolved.ema_end == 0.9
+    assert resolved.ema_warmup_steps == 3
+    assert resolved.threshold == 0.4
+    assert resolve(resolved, 500) == resolved  # idempotent
+
+
+def test_resolve_caps_default_ema_start_at_explicit_ema_end() -> None:
+    resolved = resolve(MustConfig(ema_end=0.95), 1_000)
+    assert resolved.ema_end == 0.95
+    assert resolved.ema_start == 0.95
+
+
+def test_resolve_rejects_no_images_and_invalid_configs() -> None:
+    with pytest.raises(ConfigError, match="no images"):
+        resolve(MustConfig(), 0)
+    with pytest.raises(ConfigError, match="batch_size"):
+        resolve(MustConfig(batch_size=1), 500)
