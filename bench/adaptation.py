@@ -43,7 +43,9 @@ class Row:
     note: str = ""
 
 
-def labelled_set(clf: ImageClassifier, domain: str, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def labelled_set(
+    clf: ImageClassifier, domain: str, count: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = zip(*iter_domain(domain, count, seed), strict=True)
     return clf.preprocess(list(images)), torch.tensor(labels)
 
@@ -53,7 +55,9 @@ def run_must(
 ) -> Row:
     config = MustConfig.from_dict({**base.to_dict(), **overrides})
     start = time.perf_counter()
-    result = adapt(train_dir, CLASS_NAMES, out_dir=work / name.replace(" ", "_"), model=TINY_CLIP_SPEC, config=config)
+    result = adapt(
+        train_dir, CLASS_NAMES, out_dir=work / name.replace(" ", "_"), model=TINY_CLIP_SPEC, config=config
+    )
     seconds = time.perf_counter() - start
     clf = load_classifier(result.classifier_dir)
     last = result.fit.history[-1]
@@ -62,24 +66,37 @@ def run_must(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--train-images", type=int, default=3000, help="unlabeled target images")
     parser.add_argument("--test-images", type=int, default=1000, help="held-out labelled images per domain")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-ablations", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     total_start = time.perf_counter()
-    base = MustConfig(total_steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    # Milder student views than the ImageNet defaults: at 32 px a 30% crop plus a 14 px
+    # RandAugment shift often leaves no shape at all for the student to classify.
+    base = MustConfig(
+        total_steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        strong_crop_min=0.7,
+        rand_augment="rand-n2-m5-mstd0.5-inc1",
+    )
 
     zero_shot = prepare(TINY_CLIP_SPEC, CLASS_NAMES).classifier()
     source_test = labelled_set(zero_shot, "source", args.test_images, seed=1001)
     target_test = labelled_set(zero_shot, "target", args.test_images, seed=1002)
-    rows = [Row("zero-shot, source domain", top1(zero_shot, *source_test), 0.0),
-            Row("zero-shot, target domain", top1(zero_shot, *target_test), 0.0)]
+    rows = [
+        Row("zero-shot, source domain", top1(zero_shot, *source_test), 0.0),
+        Row("zero-shot, target domain", top1(zero_shot, *target_test), 0.0),
+    ]
     with tempfile.TemporaryDirectory(prefix="must-bench-") as tmp:
         work = Path(tmp)
         write_folder("target", args.train_images, seed=7, out=work / "unlabeled")
@@ -88,8 +105,10 @@ def main() -> None:
             for name, overrides in ABLATIONS.items():
                 rows.append(run_must(name, work / "unlabeled", work, base, overrides, target_test))
 
-    print(f"\nMUST on the tiny CLIP: {args.train_images} unlabeled target images, {args.steps} steps of "
-          f"batch {args.batch_size}, lr {args.lr}; top-1 on {args.test_images} held-out images\n")
+    print(
+        f"\nMUST on the tiny CLIP: {args.train_images} unlabeled target images, {args.steps} steps of "
+        f"batch {args.batch_size}, lr {args.lr}; top-1 on {args.test_images} held-out images\n"
+    )
     print(f"{'run':<30} {'top-1':>7} {'time (s)':>9}  notes")
     for row in rows:
         print(f"{row.name:<30} {row.top1:>7.1f} {row.seconds:>9.1f}  {row.note}")

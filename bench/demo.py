@@ -50,7 +50,13 @@ def main() -> None:
         CLASS_NAMES,
         out_dir=DEMO_DIR / "run",
         model=TINY_CLIP_SPEC,
-        config=MustConfig(total_steps=args.steps, batch_size=64, lr=2e-4),
+        config=MustConfig(
+            total_steps=args.steps,
+            batch_size=64,
+            lr=1e-4,
+            strong_crop_min=0.7,
+            rand_augment="rand-n2-m5-mstd0.5-inc1",
+        ),
         hooks=TrainerHooks(bar),
     )
     bar.close()

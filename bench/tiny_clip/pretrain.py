@@ -7,6 +7,7 @@ domain is never seen, which is what leaves the zero-shot gap MUST has to close. 
 CLIP's prompt templates filled with the class name, so zero-shot prompting works afterwards.
 Because a batch of 128 over ten classes holds many captions of the same class, plain InfoNCE
 (one positive per row) fights itself; every pair of the same class counts as a positive here.
+Source images get random crops and cutout occlusions (see `augment`).
 Seeded: the same command on the same software reproduces the committed checkpoint.
 """
 
@@ -24,16 +25,40 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 from bench.shapes import CLASS_NAMES, sample
 from bench.tiny_clip import CHECKPOINT_PATH, CONFIG_PATH
+
 MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(3, 1, 1)
 STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(3, 1, 1)
 
 
 def build_model() -> open_clip.CLIP:
     return open_clip.CLIP(**json.loads(CONFIG_PATH.read_text()))
+
+
+def augment(image: Image.Image, rng: random.Random) -> Image.Image:
+    """Random resized crop and cutout occlusions, the variety web images give a real CLIP.
+
+    Without them the tiny CLIP only knows whole, unoccluded shapes, and its predictions flip
+    under the crops and masks MUST's student sees; a real CLIP is robust to both.
+    """
+    w, h = image.size
+    scale, ratio = rng.uniform(0.5, 1.0), math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    cw = min(w, round(math.sqrt(scale * w * h * ratio)))
+    ch = min(h, round(math.sqrt(scale * w * h / ratio)))
+    x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    image = image.crop((x, y, x + cw, y + ch)).resize((w, h), Image.Resampling.BILINEAR)
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.choice((0, 1, 2, 3))):
+        size = rng.randint(4, 10)
+        cx, cy = rng.randint(0, w - size), rng.randint(0, h - size)
+        draw.rectangle(
+            (cx, cy, cx + size - 1, cy + size - 1), fill=tuple(rng.randrange(256) for _ in range(3))
+        )
+    return image
 
 
 def to_tensor(images: list) -> torch.Tensor:
@@ -90,6 +115,7 @@ def pretrain(steps: int, batch: int, lr: float, seed: int, log_every: int) -> op
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup=min(100, steps // 10))
         images, labels = zip(*(sample("source", step * batch + i, seed) for i in range(batch)), strict=True)
+        images = tuple(augment(im, rng) for im in images)
         labels_t = torch.tensor(labels)
         template_idx = torch.tensor([rng.randrange(len(OPENAI_IMAGENET_TEMPLATES)) for _ in labels])
         img = model.encode_image(to_tensor(list(images)), normalize=True)

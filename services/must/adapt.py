@@ -168,7 +168,7 @@ def adapt(
     task = MustTask(prepared.network, cfg, threshold.to(device))
     result = fit(
         task,
-        PathViews(paths, TwoViews(prepared.clip.preprocess)),
+        PathViews(paths, TwoViews(prepared.clip.preprocess, cfg.strong_crop_min, cfg.rand_augment)),
         cfg,
         device=device,
         checkpoint_dir=out_dir / "checkpoints",

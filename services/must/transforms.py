@@ -47,20 +47,22 @@ def weak_transform(cfg: PreprocessCfg) -> Callable[[Image.Image], torch.Tensor]:
     )
 
 
-def strong_transform(cfg: PreprocessCfg) -> Callable[[Image.Image], torch.Tensor]:
-    """Student view: random resized crop (scale 0.3-1), flip, RandAugment (2 ops, magnitude 9)."""
+def strong_transform(
+    cfg: PreprocessCfg, crop_min: float = 0.3, policy: str = "rand-n2-m9-mstd0.5-inc1"
+) -> Callable[[Image.Image], torch.Tensor]:
+    """Student view: random resized crop (scale crop_min-1), flip, RandAugment (2 ops, magnitude 9)."""
     size = _size(cfg)
     fill = tuple(round(255 * m) for m in cfg.mean)
     return T.Compose(
         [
             T.RandomResizedCrop(
                 size,
-                scale=(0.3, 1.0),
+                scale=(crop_min, 1.0),
                 interpolation=_INTERPOLATION.get(cfg.interpolation, T.InterpolationMode.BICUBIC),
             ),
             T.RandomHorizontalFlip(),
             rand_augment_transform(
-                "rand-n2-m9-mstd0.5-inc1",
+                policy,
                 {"translate_const": int(size * 0.45), "img_mean": fill},
                 transforms=RAND_AUGMENT_OPS,
             ),
@@ -79,9 +81,11 @@ class TwoViews:
     resume exact.
     """
 
-    def __init__(self, cfg: PreprocessCfg) -> None:
+    def __init__(
+        self, cfg: PreprocessCfg, crop_min: float = 0.3, policy: str = "rand-n2-m9-mstd0.5-inc1"
+    ) -> None:
         self.weak = weak_transform(cfg)
-        self.strong = strong_transform(cfg)
+        self.strong = strong_transform(cfg, crop_min, policy)
 
     def __call__(self, image: Image.Image, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         py_state, np_state = random.getstate(), np.random.get_state()

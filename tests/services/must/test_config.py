@@ -67,8 +67,8 @@ def test_resolve_small_data_set() -> None:
     assert resolved.batch_size == 64
     assert resolved.lr == pytest.approx(2e-5 * 64 / 256)
     assert resolved.warmup_steps == 11  # 5% of 235
-    assert resolved.ema_end == pytest.approx(1 - 10 / 235)  # below 0.9998: the short schedule lowers it
-    assert resolved.ema_start == pytest.approx(1 - 10 / 235)  # 0.99 capped at ema_end
+    assert resolved.ema_end == pytest.approx(0.995)  # 1 - 2/235 = 0.9915 is under the 200-step floor
+    assert resolved.ema_start == pytest.approx(0.99)
     assert resolved.ema_warmup_steps == 23  # a tenth of the schedule
     assert resolved.threshold is None
 
@@ -79,7 +79,7 @@ def test_resolve_large_data_set() -> None:
     assert resolved.total_steps == 20_000
     assert resolved.lr == pytest.approx(5e-6)
     assert resolved.warmup_steps == 1_000
-    assert resolved.ema_end == pytest.approx(min(0.9998, 1 - 10 / 20_000))  # 0.9995
+    assert resolved.ema_end == pytest.approx(0.9998)  # 1 - 2/20,000 = 0.9999, capped at the paper's value
     assert resolved.ema_start == pytest.approx(0.999)  # 50k images or more
     assert resolved.ema_warmup_steps == 2_000
 
@@ -90,7 +90,7 @@ def test_resolve_medium_data_set() -> None:
     assert resolved.total_steps == 1_563
     assert resolved.lr == pytest.approx(2e-5 * 128 / 256)
     assert resolved.ema_start == pytest.approx(0.99)
-    assert resolved.ema_end == pytest.approx(1 - 10 / 1_563)
+    assert resolved.ema_end == pytest.approx(1 - 2 / 1_563)
     assert resolved.ema_warmup_steps == 156
 
 
@@ -117,7 +117,9 @@ def test_resolve_invariants(num_images: int) -> None:
     assert resolved.ema_start is not None
     assert resolved.ema_end is not None
     assert resolved.ema_start <= resolved.ema_end <= 0.9998
-    assert 1 / (1 - resolved.ema_end) <= steps / 10 + 1e-6  # the teacher can move within the run
+    time_constant = 1 / (1 - resolved.ema_end)
+    assert time_constant <= max(200.0, steps / 2) + 1e-6  # the teacher can move within the run
+    assert time_constant >= min(200.0, 1 / (1 - 0.9998)) - 1e-6  # but never chases the student
     assert resolved.ema_warmup_steps is not None
     assert 20 <= resolved.ema_warmup_steps <= 2_000
     assert resolved.warmup_steps is not None
