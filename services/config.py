@@ -54,6 +54,17 @@ class BrokerSettings(BaseModel):
     # Any Celery broker URL; `filesystem://` or `sqla+sqlite:///...` run without a server (embedded).
     # https://docs.celeryq.dev/en/stable/getting-started/backends-and-brokers/index.html
     url: str = "redis://127.0.0.1:6379/0"
+    # With late acks, Redis hands a task that is still unacknowledged after this many seconds to
+    # another worker (Celery's default is 1 h), so it must outlast the longest job.
+    # https://docs.celeryq.dev/en/stable/getting-started/backends-and-brokers/redis.html#visibility-timeout
+    visibility_timeout_seconds: int = Field(default=24 * 3600, gt=0)
+    # Message folder of the `filesystem://` broker; a relative path is made absolute at start.
+    filesystem_folder: Path = Field(default=Path("./.must/broker"), validate_default=True)
+
+    @field_validator("filesystem_folder")
+    @classmethod
+    def _absolute_folder(cls, folder: Path) -> Path:
+        return folder.resolve()
 
 
 class StorageSettings(BaseModel):

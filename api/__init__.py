@@ -1,0 +1,1 @@
+"""The platform's HTTP services: the control plane (`api.control`) and the inference service."""

@@ -1,0 +1,1 @@
+"""Pieces shared by the HTTP services: error mapping and health probes."""

@@ -1,0 +1,1 @@
+"""The control-plane API: submit, list, inspect and cancel adaptation jobs."""

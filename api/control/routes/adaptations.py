@@ -1,0 +1,159 @@
+"""The adaptation job routes. Thin: schema in, cheap checks, repository, queue, schema out.
+
+Plain `def` handlers: the database and boto3 calls block, and FastAPI runs these in its threadpool.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from http import HTTPStatus
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query
+from fastapi import Path as PathParam
+from sqlalchemy.orm import Session
+
+from api.common.errors import ServiceUnavailable, error_responses
+from api.control.deps import QueueDep, SessionDep, SettingsDep, StoreOpener, StoreOpenerDep
+from api.control.queue import JobQueue
+from services.config import Settings
+from services.errors import InvalidRequest, JobNotFound
+from services.jobs import repository
+from services.jobs.states import JobStatus
+from services.schemas.jobs import (
+    AdaptationCreate,
+    AdaptationPublic,
+    AdaptationsPage,
+    DatasetSpec,
+    MetricPoint,
+    MetricsPage,
+    TrainJobMessage,
+)
+from services.storage.uri import FileURI, parse_uri
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/adaptations", tags=["adaptations"])
+
+_EXAMPLE_ID = "0b6f3c1e-5a52-4c3c-9d0e-2f4f3f2d9a10"
+AdaptationId = Annotated[str, PathParam(description="The job id (a UUID)", examples=[_EXAMPLE_ID])]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        min_length=1,
+        max_length=255,
+        description="Repeating a request with the same key returns the same job instead of a new one",
+        examples=["3f1c2a9e-retry-safe-key"],
+    ),
+]
+
+
+def _job_id(raw: str) -> str:
+    """The canonical form of a job id; a string that is not a UUID names no job (404)."""
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError:
+        raise JobNotFound(raw[:64]) from None
+
+
+def check_dataset(dataset: DatasetSpec, settings: Settings, opener: StoreOpener) -> None:
+    """Cheap submit-time checks: a file:// folder exists; an s3:// bucket exists, its prefix is not empty."""
+    location = parse_uri(dataset.uri)
+    if isinstance(location, FileURI):
+        if settings.environment == "production":
+            raise InvalidRequest(
+                "file:// datasets are only accepted in embedded and development mode: use s3://"
+            )
+        if not location.path.is_dir():
+            raise InvalidRequest(f"dataset folder {str(location.path)!r} does not exist or is not a folder")
+        return
+    store, prefix = opener(location)
+    # Listing stops after the first object, so this costs one ListObjectsV2 page at most.
+    if next(iter(store.iter_keys(prefix)), None) is None:
+        raise InvalidRequest(
+            f"dataset prefix {prefix!r} in bucket {location.bucket!r} holds no objects: "
+            "upload the images there or fix dataset.uri"
+        )
+
+
+def _enqueue(session: Session, queue: JobQueue, job_id: str) -> None:
+    """Send the job to the workers; if that fails, fail the job (no worker would see it) and answer 503."""
+    try:
+        task_id = queue.submit(TrainJobMessage(job_id=job_id))
+    except Exception as exc:
+        logger.exception("could not enqueue adaptation job %s", job_id)
+        reason = f"the job could not be queued: {type(exc).__name__}: {exc}"
+        repository.mark_failed(session, job_id, error_type="QueueUnavailable", message=reason)
+        raise ServiceUnavailable(
+            f"the job queue is unreachable; adaptation job {job_id!r} was recorded as failed, retry later"
+        ) from exc
+    repository.set_celery_task_id(session, job_id, task_id=task_id)
+
+
+@router.post(
+    "",
+    status_code=HTTPStatus.ACCEPTED,
+    response_model=AdaptationPublic,
+    responses=error_responses(415, 422, 503),
+)
+def create_adaptation(
+    body: AdaptationCreate,
+    session: SessionDep,
+    queue: QueueDep,
+    settings: SettingsDep,
+    opener: StoreOpenerDep,
+    idempotency_key: IdempotencyKey = None,
+) -> AdaptationPublic:
+    """Submit an adaptation job: validate it, record it as queued and enqueue it for a GPU worker."""
+    check_dataset(body.dataset, settings, opener)
+    request = body.model_dump(mode="json")
+    job = repository.create_job(session, request=request, idempotency_key=idempotency_key)
+    # Enqueue a new job, or a replayed one whose first submission died between commit and enqueue.
+    # A duplicate message is harmless: the worker's lease in the database runs a job only once.
+    if job.status == JobStatus.QUEUED and job.celery_task_id is None:
+        _enqueue(session, queue, job.id)
+    return AdaptationPublic.from_job(repository.get_job(session, job.id))
+
+
+@router.get("", response_model=AdaptationsPage, responses=error_responses(422))
+def list_adaptations(
+    session: SessionDep,
+    status: Annotated[JobStatus | None, Query(description="Only jobs with this status")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> AdaptationsPage:
+    """List adaptation jobs, newest first, optionally filtered by status."""
+    jobs, total = repository.list_jobs(session, status=status, limit=limit, offset=offset)
+    items = [AdaptationPublic.from_job(job) for job in jobs]
+    return AdaptationsPage(items=items, total=total, limit=limit, offset=offset)
+
+
+@router.get("/{adaptation_id}", response_model=AdaptationPublic, responses=error_responses(404))
+def get_adaptation(adaptation_id: AdaptationId, session: SessionDep) -> AdaptationPublic:
+    """Get one adaptation job: status, progress, latest metrics, image counts, artifact and error."""
+    return AdaptationPublic.from_job(repository.get_job(session, _job_id(adaptation_id)))
+
+
+@router.post(
+    "/{adaptation_id}/cancel",
+    status_code=HTTPStatus.ACCEPTED,
+    response_model=AdaptationPublic,
+    responses=error_responses(404, 409),
+)
+def cancel_adaptation(adaptation_id: AdaptationId, session: SessionDep) -> AdaptationPublic:
+    """Cancel a job: a queued one at once, a running one at its next step (409 if already finished)."""
+    return AdaptationPublic.from_job(repository.request_cancel(session, _job_id(adaptation_id)))
+
+
+@router.get("/{adaptation_id}/metrics", response_model=MetricsPage, responses=error_responses(404, 422))
+def list_adaptation_metrics(
+    adaptation_id: AdaptationId,
+    session: SessionDep,
+    since_step: Annotated[int, Query(ge=0, description="First training step to return")] = 0,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> MetricsPage:
+    """Get a job's metric history in step order, for plots (page on with `since_step`)."""
+    job_id = _job_id(adaptation_id)
+    metrics = repository.list_metrics(session, job_id, since_step=since_step, limit=limit)
+    return MetricsPage(adaptation_id=job_id, items=[MetricPoint.from_metric(m) for m in metrics])

@@ -1,0 +1,435 @@
+"""Boundary models of adaptation jobs: the HTTP request and responses, and the queue message.
+
+These import neither torch nor `services.must` (the API process must not load torch), so the
+engine's hyperparameter names are kept here as a literal and a test checks them against
+`services.must.config.MustConfig`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from services.errors import InvalidRequest
+from services.jobs.states import JobPhase, JobStatus
+from services.storage.uri import parse_uri
+
+if TYPE_CHECKING:
+    from services.db.models import Job, JobMetric
+
+MIN_CLASSES = 2
+# Same limit as the engine's text head (services.must.classifier.MAX_CLASSES).
+MAX_CLASSES = 10_000
+# CLIP's tokenizer keeps 77 tokens per prompt; longer names would only be truncated.
+MAX_CLASS_NAME_CHARS = 256
+MAX_TEMPLATES = 256
+
+_PositiveInt = Annotated[int, Field(strict=True, ge=1)]
+_NonNegativeInt = Annotated[int, Field(strict=True, ge=0)]
+_PositiveFloat = Annotated[float, Field(strict=True, gt=0)]
+_NonNegativeFloat = Annotated[float, Field(strict=True, ge=0)]
+_UnitInterval = Annotated[float, Field(strict=True, ge=0, lt=1)]
+
+# Every hyperparameter the engine accepts (MustConfig's fields) and the values it can take;
+# None (where allowed) means "derive from the data set size", as in MustConfig.
+HPARAM_TYPES: dict[str, Any] = {
+    "total_steps": _PositiveInt | None,
+    "batch_size": Annotated[int, Field(strict=True, ge=2, le=65_536)],
+    "base_lr": _PositiveFloat,
+    "lr": _PositiveFloat | None,
+    "min_lr_ratio": Annotated[float, Field(strict=True, ge=0, le=1)],
+    "warmup_steps": _NonNegativeInt | None,
+    "weight_decay": _NonNegativeFloat,
+    "layer_decay": Annotated[float, Field(strict=True, gt=0, le=1)],
+    "grad_clip": _PositiveFloat | None,
+    "threshold_mode": Literal["quantile", "per_class_quantile", "fixed"],
+    "threshold_quantile": Annotated[float, Field(strict=True, gt=0, lt=1)],
+    "threshold": _UnitInterval | None,
+    "mask_ratio": _UnitInterval,
+    "strong_crop_min": Annotated[float, Field(strict=True, ge=0.05, le=1)],
+    "rand_augment": Annotated[str, Field(pattern=r"^rand-[a-z0-9.\-]*$", max_length=100)],
+    "mask_cell": _PositiveInt | None,
+    "ema_start": _UnitInterval | None,
+    "ema_end": _UnitInterval | None,
+    "ema_warmup_steps": _NonNegativeInt | None,
+    "fairness_weight": _NonNegativeFloat,
+    "mim_weight": _NonNegativeFloat,
+    "align_weight": _NonNegativeFloat,
+    "fairness_smoothing_classes": _PositiveInt,
+    "seed": _NonNegativeInt,
+    "precision": Literal["auto", "fp32", "bf16"],
+    "checkpoint_every": _PositiveInt,
+    "num_workers": Annotated[int, Field(strict=True, ge=0, le=64)],
+}
+HPARAM_NAMES: frozenset[str] = frozenset(HPARAM_TYPES)
+_HPARAM_ADAPTERS: dict[str, TypeAdapter[Any]] = {name: TypeAdapter(tp) for name, tp in HPARAM_TYPES.items()}
+
+
+def _storage_uri(uri: str) -> str:
+    """A normalised `s3://` or `file://` URI, or a ValueError naming the accepted schemes."""
+    try:
+        return str(parse_uri(uri))
+    except InvalidRequest as exc:
+        raise ValueError(exc.message) from exc
+
+
+def _location(value: str | None, what: str) -> str | None:
+    """An `s3://`/`file://` URI or an absolute local path (relative paths depend on the worker's cwd)."""
+    if value is None or "://" in value:
+        return None if value is None else _storage_uri(value)
+    if not Path(value).is_absolute():
+        raise ValueError(f"{what} must be an s3:// URI, a file:// URI or an absolute path, got {value!r}")
+    return value
+
+
+def _listed(items: list[str], limit: int = 10) -> str:
+    """A short, quoted list of items for an error message."""
+    shown = ", ".join(repr(item) for item in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def check_class_names(names: list[str]) -> list[str]:
+    """Stripped class names, or a ValueError that says what to fix."""
+    stripped = [name.strip() for name in names]
+    if not MIN_CLASSES <= len(stripped) <= MAX_CLASSES:
+        raise ValueError(
+            f"between {MIN_CLASSES} and {MAX_CLASSES} class names are needed, got {len(stripped)}"
+        )
+    blank = [str(i) for i, name in enumerate(stripped) if not name]
+    if blank:
+        positions = ", ".join(blank[:10])
+        raise ValueError(f"class names must not be empty or blank; blank at positions {positions}")
+    long = [name for name in stripped if len(name) > MAX_CLASS_NAME_CHARS]
+    if long:
+        raise ValueError(f"class names must be at most {MAX_CLASS_NAME_CHARS} characters: {_listed(long, 3)}")
+    repeated = [name for name, count in Counter(stripped).items() if count > 1]
+    if repeated:
+        raise ValueError(f"class names must be unique; repeated: {_listed(repeated)}")
+    return stripped
+
+
+def check_hparams(values: dict[str, Any]) -> dict[str, Any]:
+    """Hyperparameter overrides checked by name, type and range, or a ValueError listing the problems."""
+    unknown = sorted(set(values) - HPARAM_NAMES)
+    if unknown:
+        raise ValueError(
+            f"unknown hyperparameter(s) {_listed(unknown)}; known: {', '.join(sorted(HPARAM_NAMES))}"
+        )
+    checked, problems = {}, []
+    for name, value in values.items():
+        try:
+            checked[name] = _HPARAM_ADAPTERS[name].validate_python(value)
+        except ValidationError as exc:
+            problems.append(f"{name}: {exc.errors()[0]['msg']} (got {value!r})")
+    if problems:
+        raise ValueError("; ".join(problems))
+    if checked.get("threshold_mode") == "fixed" and checked.get("threshold") is None:
+        raise ValueError("threshold_mode 'fixed' needs a threshold in [0, 1)")
+    return checked
+
+
+class DatasetSpec(BaseModel):
+    """Where the unlabeled images are."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    uri: str = Field(
+        description="`s3://bucket/prefix/` (or `file:///abs/path` in embedded mode) holding the images",
+        examples=["s3://my-images/unlabeled/"],
+    )
+    max_images: int | None = Field(default=None, ge=1, description="Use at most this many images")
+
+    _uri = field_validator("uri")(_storage_uri)
+
+
+class ModelSpec(BaseModel):
+    """Which CLIP to start from: an open_clip arch + pretrained tag, or a checkpoint (+ custom config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arch: str | None = Field(default=None, min_length=1, examples=["ViT-B-32"])
+    pretrained: str | None = Field(default=None, min_length=1, examples=["openai"])
+    checkpoint: str | None = Field(default=None, description="s3:// or file:// URI, or an absolute path")
+    config: str | None = Field(default=None, description="A custom open_clip JSON config (URI or path)")
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint(cls, value: str | None) -> str | None:
+        return _location(value, "model.checkpoint")
+
+    @field_validator("config")
+    @classmethod
+    def _config(cls, value: str | None) -> str | None:
+        return _location(value, "model.config")
+
+    @model_validator(mode="after")
+    def _complete(self) -> Self:
+        if self.arch is None and self.config is None:
+            raise ValueError("model needs `arch` (an open_clip architecture such as 'ViT-B-32') or `config`")
+        if self.config is not None and self.checkpoint is None:
+            raise ValueError("model.config needs model.checkpoint (the weights for the custom architecture)")
+        if self.pretrained is not None and self.checkpoint is not None:
+            raise ValueError("give model.pretrained or model.checkpoint, not both")
+        return self
+
+
+class EvalSpec(BaseModel):
+    """An optional labelled set, used only to report accuracy, never to train."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    uri: str = Field(
+        description="A folder-per-class layout or a manifest, as `s3://` or `file://`",
+        examples=["s3://my-images/labelled-eval/"],
+    )
+
+    _uri = field_validator("uri")(_storage_uri)
+
+
+_CREATE_EXAMPLE: dict[str, Any] = {
+    "class_names": ["cat", "dog", "bird"],
+    "class_descriptions": {"bird": "a small bird perched on a branch"},
+    "dataset": {"uri": "s3://my-images/unlabeled/", "max_images": 50000},
+    "model": {"arch": "ViT-B-32", "pretrained": "openai"},
+    "templates": ["a photo of a {}.", "a blurry photo of a {}."],
+    "hparams": {"total_steps": 2000, "batch_size": 64, "mask_ratio": 0.3},
+    "eval": {"uri": "s3://my-images/labelled-eval/"},
+}
+
+
+class AdaptationCreate(BaseModel):
+    """A request to adapt a CLIP classifier to unlabeled images (DESIGN.md section 3)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_CREATE_EXAMPLE]})
+
+    class_names: list[str] = Field(description=f"{MIN_CLASSES}..{MAX_CLASSES} unique, non-empty names")
+    class_descriptions: dict[str, str] | None = Field(
+        default=None, description="Extra prompt text per class name"
+    )
+    dataset: DatasetSpec
+    model: ModelSpec = Field(default_factory=lambda: ModelSpec(arch="ViT-B-32", pretrained="openai"))
+    templates: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_TEMPLATES,
+        description="Prompt templates, each with exactly one `{}`; omitted: a default ensemble",
+    )
+    hparams: dict[str, Any] | None = Field(
+        default=None, description=f"Hyperparameter overrides; known names: {', '.join(sorted(HPARAM_NAMES))}"
+    )
+    eval: EvalSpec | None = None
+
+    _class_names = field_validator("class_names")(check_class_names)
+
+    @field_validator("templates")
+    @classmethod
+    def _templates(cls, templates: list[str] | None) -> list[str] | None:
+        bad = [t for t in templates or [] if t.count("{}") != 1]
+        if bad:
+            raise ValueError(f"every template needs exactly one '{{}}' for the class name: {_listed(bad, 3)}")
+        return templates
+
+    @field_validator("hparams")
+    @classmethod
+    def _hparams(cls, values: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if values is None else check_hparams(values)
+
+    @model_validator(mode="after")
+    def _descriptions_name_classes(self) -> Self:
+        if self.class_descriptions is None:
+            return self
+        self.class_descriptions = {key.strip(): text for key, text in self.class_descriptions.items()}
+        unknown = sorted(set(self.class_descriptions) - set(self.class_names))
+        if unknown:
+            raise ValueError(f"class_descriptions has keys that are not class names: {_listed(unknown)}")
+        return self
+
+
+class Progress(BaseModel):
+    """How far a job's training has come."""
+
+    step: int = 0
+    total_steps: int | None = None
+    epoch: int | None = None
+    images_per_sec: float | None = None
+    eta_seconds: float | None = None
+    fraction: float | None = Field(default=None, ge=0, le=1, description="step / total_steps")
+
+
+class ArtifactRef(BaseModel):
+    """The published adapted classifier."""
+
+    uri: str
+    sha256: str | None = None
+
+
+class JobErrorInfo(BaseModel):
+    """Why a job failed."""
+
+    type: str
+    message: str
+
+
+_PUBLIC_EXAMPLE: dict[str, Any] = {
+    "id": "0b6f3c1e-5a52-4c3c-9d0e-2f4f3f2d9a10",
+    "status": "running",
+    "phase": "training",
+    "created_at": "2026-11-25T10:00:00Z",
+    "started_at": "2026-11-25T10:00:05Z",
+    "finished_at": None,
+    "heartbeat_at": "2026-11-25T10:12:00Z",
+    "cancel_requested": False,
+    "progress": {
+        "step": 500,
+        "total_steps": 2000,
+        "epoch": 3,
+        "images_per_sec": 210.5,
+        "eta_seconds": 1425.0,
+        "fraction": 0.25,
+    },
+    "latest_metrics": {"loss": 1.92, "confident_fraction": 0.61},
+    "images_used": 48210,
+    "images_skipped": 12,
+    "skipped_reasons": {"not_an_image": 9, "unreadable": 3},
+    "artifact": None,
+    "checkpoint_uri": "s3://must-artifacts/adaptations/0b6f3c1e-5a52-4c3c-9d0e-2f4f3f2d9a10/checkpoints/latest.json",
+    "error": None,
+    "request": _CREATE_EXAMPLE,
+}
+
+
+class AdaptationPublic(BaseModel):
+    """An adaptation job as clients see it."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_PUBLIC_EXAMPLE]})
+
+    id: str
+    status: JobStatus
+    phase: JobPhase | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    heartbeat_at: datetime | None = None
+    cancel_requested: bool = False
+    progress: Progress
+    latest_metrics: dict[str, Any] | None = None
+    images_used: int = 0
+    images_skipped: int = 0
+    skipped_reasons: dict[str, int] = Field(default_factory=dict)
+    artifact: ArtifactRef | None = None
+    checkpoint_uri: str | None = None
+    error: JobErrorInfo | None = None
+    request: dict[str, Any] = Field(description="The request as accepted (normalised AdaptationCreate)")
+
+    @classmethod
+    def from_job(cls, job: Job) -> AdaptationPublic:
+        """The public view of a job row (no lease, traceback or idempotency key)."""
+        return cls(
+            id=job.id,
+            status=job.status,
+            phase=job.phase,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            heartbeat_at=job.heartbeat_at,
+            cancel_requested=job.cancel_requested,
+            progress=_progress(job),
+            latest_metrics=job.latest_metrics,
+            images_used=job.images_used,
+            images_skipped=job.images_skipped,
+            skipped_reasons=job.skipped_reasons or {},
+            artifact=_artifact(job),
+            checkpoint_uri=job.checkpoint_uri,
+            error=_error(job),
+            request=job.request,
+        )
+
+
+def _artifact(job: Job) -> ArtifactRef | None:
+    return ArtifactRef(uri=job.artifact_uri, sha256=job.artifact_sha256) if job.artifact_uri else None
+
+
+def _error(job: Job) -> JobErrorInfo | None:
+    if job.status != JobStatus.FAILED:
+        return None
+    return JobErrorInfo(type=job.error_type or "Error", message=job.error_message or "")
+
+
+def _progress(job: Job) -> Progress:
+    if job.status == JobStatus.SUCCEEDED:
+        fraction: float | None = 1.0
+    else:
+        fraction = min(1.0, job.step / job.total_steps) if job.total_steps else None
+    return Progress(
+        step=job.step,
+        total_steps=job.total_steps,
+        epoch=job.epoch,
+        images_per_sec=job.images_per_sec,
+        eta_seconds=job.eta_seconds,
+        fraction=fraction,
+    )
+
+
+class AdaptationsPage(BaseModel):
+    """One page of jobs, newest first."""
+
+    items: list[AdaptationPublic]
+    total: int = Field(description="How many jobs match the filter")
+    limit: int
+    offset: int
+
+
+class MetricPoint(BaseModel):
+    """One row of a job's metric history."""
+
+    step: int
+    created_at: datetime
+    values: dict[str, Any]
+
+    @classmethod
+    def from_metric(cls, metric: JobMetric) -> MetricPoint:
+        """The public view of a metrics row."""
+        return cls(step=metric.step, created_at=metric.created_at, values=metric.values)
+
+
+class MetricsPage(BaseModel):
+    """A job's metric history, in step order."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "adaptation_id": "0b6f3c1e-5a52-4c3c-9d0e-2f4f3f2d9a10",
+                    "items": [
+                        {"step": 50, "created_at": "2026-11-25T10:01:00Z", "values": {"loss": 2.41}},
+                        {"step": 100, "created_at": "2026-11-25T10:02:00Z", "values": {"loss": 2.17}},
+                    ],
+                }
+            ]
+        }
+    )
+
+    adaptation_id: str
+    items: list[MetricPoint]
+
+
+class TrainJobMessage(BaseModel):
+    """The queue payload: only the job id; the worker reads everything else from the database."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"job_id": "0b6f3c1e-5a52-4c3c-9d0e-2f4f3f2d9a10"}]}
+    )
+
+    job_id: str = Field(min_length=1, max_length=36)

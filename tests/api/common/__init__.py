@@ -1,0 +1,1 @@
+"""Tests of the pieces shared by the HTTP services."""

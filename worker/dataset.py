@@ -1,0 +1,111 @@
+"""Stage a job's unlabeled images from the object store into a local folder the trainer reads."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from services.config import LimitsSettings, Settings
+from services.errors import ObjectNotFound, ObjectTooLarge, StorageError
+from services.must.data import IMAGE_EXTENSIONS, ImageLoadError, SkipReport, decode_image
+from services.must.errors import DatasetError
+from services.storage.base import ObjectStore
+from services.storage.object_store import open_store
+
+# Downloads are network-bound, so a few threads hide the per-object latency of S3.
+DOWNLOAD_THREADS = 8
+# Keys handed to the pool at once: small enough to stop soon after `max_images`, big enough to keep it busy.
+CHUNK = 64
+
+
+@dataclass
+class StagedImages:
+    """The local copies of the usable images, in listing order, and what was skipped."""
+
+    paths: list[Path]
+    skipped: SkipReport
+
+
+def local_name(key: str) -> str:
+    """A flat, collision-free file name for an object key (keys may hold `/` or `..`)."""
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    return f"{digest}{PurePosixPath(key).suffix.lower()}"
+
+
+def _folder_prefix(prefix: str) -> str:
+    """Treat the URI's key prefix as a folder, so `s3://b/imgs` does not also match `imgs2/`."""
+    return prefix if not prefix or prefix.endswith("/") else f"{prefix}/"
+
+
+def _fetch(store: ObjectStore, key: str, target: Path, limits: LimitsSettings) -> str | None:
+    """Copy one object to `target` if it decodes as an image; the skip reason otherwise."""
+    if target.is_file():
+        # Written only after validation by an earlier attempt of this job: reuse it on resume.
+        return None
+    try:
+        data = store.read_bytes(key, max_bytes=limits.max_object_bytes)
+        decode_image(data, max_bytes=limits.max_object_bytes, max_pixels=limits.max_image_pixels)
+    except ObjectTooLarge:
+        return "too_large"
+    except ObjectNotFound:
+        return "missing"
+    except ImageLoadError as exc:
+        return exc.reason
+    tmp = target.with_name(f".{target.name}.part")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+    return None
+
+
+def _image_keys(store: ObjectStore, prefix: str, skipped: SkipReport) -> Iterator[str]:
+    """Stream the keys under `prefix` with an image extension, counting the others."""
+    for info in store.iter_keys(prefix):
+        if info.key.endswith("/"):
+            continue
+        if PurePosixPath(info.key).suffix.lower() in IMAGE_EXTENSIONS:
+            yield info.key
+        else:
+            skipped.add("not_an_image_extension", info.key)
+
+
+def _stage(
+    store: ObjectStore, prefix: str, out_dir: Path, settings: Settings, max_images: int | None
+) -> StagedImages:
+    staged = StagedImages([], SkipReport())
+    keys = _image_keys(store, prefix, staged.skipped)
+    with ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="stage") as pool:
+        while max_images is None or len(staged.paths) < max_images:
+            chunk = list(itertools.islice(keys, CHUNK))
+            if not chunk:
+                break
+            targets = [out_dir / local_name(key) for key in chunk]
+            reasons = pool.map(
+                _fetch, itertools.repeat(store), chunk, targets, itertools.repeat(settings.limits)
+            )
+            for key, target, reason in zip(chunk, targets, reasons, strict=True):
+                if reason is not None:
+                    staged.skipped.add(reason, key)
+                elif max_images is None or len(staged.paths) < max_images:
+                    staged.paths.append(target)
+    return staged
+
+
+def stage_images(
+    uri: str, out_dir: Path, settings: Settings, *, max_images: int | None = None
+) -> StagedImages:
+    """Download the usable images under `uri` into `out_dir`; DatasetError if none are usable."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        store, prefix = open_store(uri, settings)
+        staged = _stage(store, _folder_prefix(prefix), out_dir, settings, max_images)
+    except StorageError as exc:
+        raise DatasetError(f"cannot read the dataset at {uri}: {exc}") from exc
+    if not staged.paths:
+        detail = f"; skipped {staged.skipped.total}: {staged.skipped.counts}" if staged.skipped.total else ""
+        raise DatasetError(f"no usable images found under {uri}{detail}")
+    return staged

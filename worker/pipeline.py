@@ -1,0 +1,396 @@
+"""One training job from lease to published classifier: the worker's side of the job lifecycle.
+
+The job row is the source of truth: the queue message carries only the job id, the lease keeps
+two workers from running the same job, and checkpoints in the artifacts store let a redelivered
+job resume where the last one stopped (DESIGN.md sections 5 and 6).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from pydantic import ValidationError
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.config import Settings
+from services.errors import InvalidJobTransition, JobNotFound, ObjectNotFound, StorageError
+from services.jobs import repository
+from services.jobs.states import JobPhase
+from services.must.adapt import PathViews, Prepared, calibrate, default_device, prepare
+from services.must.checkpoint import LATEST, CheckpointFiles, read_latest
+from services.must.config import MustConfig, resolve
+from services.must.errors import Cancelled, CheckpointError, ConfigError, ModelLoadError, MustError
+from services.must.export import MANIFEST, WEIGHTS, Manifest, export_classifier
+from services.must.loading import ModelSpec
+from services.must.network import MustNetwork
+from services.must.task import MustTask
+from services.must.trainer import FitResult, TrainerHooks, fit
+from services.must.transforms import TwoViews
+from services.schemas.jobs import AdaptationCreate
+from services.storage import keys
+from services.storage.base import ObjectStore
+from services.storage.object_store import open_store, publish
+from services.storage.uri import FileURI, parse_uri
+from worker.dataset import StagedImages, local_name, stage_images
+from worker.progress import keep_lease, make_cancel_check, make_progress_reporter
+
+log = logging.getLogger(__name__)
+
+# latest.json is a few hundred bytes; anything much larger is not ours.
+MAX_POINTER_BYTES = 1 << 20
+
+
+def default_work_dir() -> Path:
+    """Where jobs keep their image cache and local checkpoints unless told otherwise."""
+    return Path(tempfile.gettempdir()) / "must-worker"
+
+
+@dataclass
+class JobContext:
+    """What every step of one job needs: who holds it, where its files go, where it publishes."""
+
+    job_id: str
+    owner: str
+    settings: Settings
+    session_factory: sessionmaker[Session]
+    work_dir: Path
+    store: ObjectStore
+    store_prefix: str
+    device: torch.device
+
+    def key(self, key: str) -> str:
+        """`key` inside the artifacts store (which may itself sit under a prefix)."""
+        return keys.join_key(self.store_prefix, key)
+
+    def set_phase(self, phase: JobPhase) -> None:
+        """Record what the job is doing now."""
+        with self.session_factory() as session:
+            repository.set_phase(session, self.job_id, phase=phase, owner=self.owner)
+        log.info("job %s: %s", self.job_id, phase.value)
+
+
+def _acquire(job_id: str, session_factory: sessionmaker[Session], settings: Settings, owner: str) -> bool:
+    """Take the job's lease; False when another worker holds it or the job is finished or gone."""
+    try:
+        with session_factory() as session:
+            return repository.mark_running(
+                session, job_id, owner=owner, lease_seconds=settings.worker.lease_seconds
+            )
+    except (InvalidJobTransition, JobNotFound) as exc:
+        log.info("job %s is not runnable: %s", job_id, exc)
+        return False
+
+
+def _read_request(ctx: JobContext) -> AdaptationCreate:
+    """The job's stored request, checked again (it may predate a rule, or come from elsewhere)."""
+    with ctx.session_factory() as session:
+        request = repository.get_job(session, ctx.job_id).request
+    try:
+        return AdaptationCreate.model_validate(request)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in err['loc']) or 'request'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"the job's request is invalid: {problems}") from exc
+
+
+def _local_model_file(location: str | None, ctx: JobContext) -> str | None:
+    """A local path for a model file given as a path, a file:// URI or an s3:// URI (downloaded)."""
+    if location is None or "://" not in location:
+        return location
+    parsed = parse_uri(location)
+    if isinstance(parsed, FileURI):
+        return str(parsed.path)
+    target = ctx.work_dir / "model" / local_name(location)
+    if not target.is_file():
+        try:
+            store, key = open_store(parsed, ctx.settings)
+            store.download_file(key, target)
+        except StorageError as exc:
+            raise ModelLoadError(f"cannot download the model file {location}: {exc}") from exc
+    return str(target)
+
+
+def _stage_dataset(ctx: JobContext, request: AdaptationCreate) -> StagedImages:
+    """List and download the images, and record how many were used and skipped."""
+    ctx.set_phase(JobPhase.LISTING)
+    staged = stage_images(
+        request.dataset.uri, ctx.work_dir / "images", ctx.settings, max_images=request.dataset.max_images
+    )
+    with ctx.session_factory() as session:
+        repository.update_progress(
+            session,
+            ctx.job_id,
+            owner=ctx.owner,
+            images_used=len(staged.paths),
+            images_skipped=staged.skipped.total,
+            skipped_reasons=dict(staged.skipped.counts),
+        )
+    return staged
+
+
+def _prepare_task(
+    ctx: JobContext, request: AdaptationCreate, staged: StagedImages
+) -> tuple[Prepared, MustTask, MustConfig]:
+    """Load the CLIP, build the zero-shot head and pick the confidence threshold without labels."""
+    ctx.set_phase(JobPhase.SCORING_ZERO_SHOT)
+    hparams = {"checkpoint_every": ctx.settings.worker.checkpoint_every, **(request.hparams or {})}
+    cfg = resolve(MustConfig.from_dict(hparams), len(staged.paths))
+    torch.manual_seed(cfg.seed)
+    model = request.model
+    spec = ModelSpec(
+        arch=model.arch,
+        pretrained=model.pretrained,
+        checkpoint=_local_model_file(model.checkpoint, ctx),
+        config=_local_model_file(model.config, ctx),
+    )
+    prepared = prepare(spec, request.class_names, request.templates, ctx.device)
+    # Deterministic (eval transform, zero-shot weights): a resumed job recomputes the same threshold.
+    threshold = calibrate(prepared, staged.paths, cfg, ctx.device)
+    return prepared, MustTask(prepared.network, cfg, threshold.to(ctx.device)), cfg
+
+
+def _remote_pointer(ctx: JobContext) -> dict[str, Any] | None:
+    """The job's `latest.json` in the artifacts store, or None before its first checkpoint."""
+    try:
+        data = ctx.store.read_bytes(
+            ctx.key(keys.latest_checkpoint_key(ctx.job_id)), max_bytes=MAX_POINTER_BYTES
+        )
+    except ObjectNotFound:
+        return None
+    try:
+        pointer = json.loads(data)
+        return {
+            "step": int(pointer["step"]),
+            "weights": str(pointer["weights"]),
+            "state": str(pointer["state"]),
+        }
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"the job's checkpoint pointer is unreadable: {exc}") from exc
+
+
+def _restore_checkpoint(ctx: JobContext, checkpoint_dir: Path) -> None:
+    """Download the newest stored checkpoint unless the local folder already holds one as new."""
+    pointer = _remote_pointer(ctx)
+    if pointer is None:
+        return
+    local = read_latest(checkpoint_dir)
+    if local is not None and int(local["step"]) >= pointer["step"]:
+        return
+    for name in (pointer["weights"], pointer["state"]):
+        # checkpoint_key refuses names with `/` or `..`, so a pointer cannot reach outside the folder.
+        ctx.store.download_file(ctx.key(keys.checkpoint_key(ctx.job_id, name)), checkpoint_dir / name)
+    # The pointer goes last, as in the store: a crash mid-download leaves the old local state valid.
+    tmp = checkpoint_dir / f".{LATEST}.part"
+    tmp.write_text(json.dumps(pointer))
+    os.replace(tmp, checkpoint_dir / LATEST)
+    log.info("job %s: restored the checkpoint of step %d", ctx.job_id, pointer["step"])
+
+
+def _publish_checkpoint(ctx: JobContext, files: CheckpointFiles, lost: threading.Event) -> None:
+    """Upload a checkpoint (weights, state, then latest.json) and record where it is."""
+    if lost.is_set():
+        # Another worker may own the job now; an older latest.json must not replace its newer one.
+        return
+    publish(ctx.store, [(ctx.key(keys.checkpoint_key(ctx.job_id, p.name)), p) for p in files.publish_order()])
+    with ctx.session_factory() as session:
+        latest = ctx.store.uri(ctx.key(keys.latest_checkpoint_key(ctx.job_id)))
+        repository.update_progress(session, ctx.job_id, owner=ctx.owner, checkpoint_uri=latest)
+
+
+def _train(
+    ctx: JobContext,
+    prepared: Prepared,
+    task: MustTask,
+    cfg: MustConfig,
+    staged: StagedImages,
+    lost: threading.Event,
+) -> FitResult:
+    """Resume from the stored checkpoint if any, then train, publishing every checkpoint."""
+    ctx.set_phase(JobPhase.TRAINING)
+    checkpoint_dir = ctx.work_dir / "checkpoints"
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    _restore_checkpoint(ctx, checkpoint_dir)
+    worker = ctx.settings.worker
+    cancel_requested = make_cancel_check(ctx.job_id, ctx.session_factory)
+    hooks = TrainerHooks(
+        on_step=make_progress_reporter(
+            ctx.job_id,
+            ctx.session_factory,
+            worker.progress_every_seconds,
+            owner=ctx.owner,
+            lease_seconds=worker.lease_seconds,
+        ),
+        on_checkpoint=lambda files: _publish_checkpoint(ctx, files, lost),
+        # A lost lease stops the run like a cancellation, but the pipeline then records nothing.
+        should_cancel=lambda: lost.is_set() or cancel_requested(),
+    )
+    views = TwoViews(prepared.clip.preprocess, cfg.strong_crop_min, cfg.rand_augment)
+    return fit(
+        task,
+        PathViews(staged.paths, views),
+        cfg,
+        device=ctx.device,
+        checkpoint_dir=checkpoint_dir,
+        hooks=hooks,
+    )
+
+
+def _export(
+    ctx: JobContext,
+    request: AdaptationCreate,
+    prepared: Prepared,
+    task: MustTask,
+    result: FitResult,
+    staged: StagedImages,
+) -> Manifest:
+    """Export the EMA teacher as the classifier and publish its weights, then its manifest."""
+    ctx.set_phase(JobPhase.EXPORTING)
+    out_dir = ctx.work_dir / "classifier"
+    # nn.Module attributes read as `Tensor | Module` to type checkers; these two are known.
+    threshold = cast(torch.Tensor, task.threshold)
+    teacher = cast(MustNetwork, task.teacher.module)
+    metrics = {
+        "images_used": len(staged.paths),
+        "images_skipped": staged.skipped.to_dict(),
+        "threshold": threshold.flatten().tolist(),
+        "last_step": result.history[-1] if result.history else {},
+    }
+    # Name the model as the request did, not by the local copy a download left in the work folder.
+    source = {
+        **prepared.source_model(),
+        "checkpoint": request.model.checkpoint,
+        "config": request.model.config,
+    }
+    manifest = export_classifier(
+        prepared.classifier(teacher),
+        out_dir,
+        model_cfg=prepared.clip.model_cfg,
+        templates=prepared.templates,
+        source_model=source,
+        metrics=metrics,
+    )
+    _publish_classifier(ctx, out_dir)
+    return manifest
+
+
+def _publish_classifier(ctx: JobContext, out_dir: Path) -> None:
+    """Upload the weights, then the manifest whose presence marks the classifier complete."""
+    weights = (ctx.key(keys.classifier_weights_key(ctx.job_id)), out_dir / WEIGHTS)
+    publish(ctx.store, [weights, (ctx.key(keys.classifier_manifest_key(ctx.job_id)), out_dir / MANIFEST)])
+
+
+def _run(ctx: JobContext, lost: threading.Event) -> None:
+    """Every phase of the job, ending with the job marked succeeded."""
+    request = _read_request(ctx)
+    staged = _stage_dataset(ctx, request)
+    prepared, task, cfg = _prepare_task(ctx, request, staged)
+    result = _train(ctx, prepared, task, cfg, staged, lost)
+    manifest = _export(ctx, request, prepared, task, result, staged)
+    # The folder holding weights and manifest (no trailing `/`: local stores refuse empty key parts).
+    artifact = ctx.store.uri(ctx.key(keys.adaptation_prefix(ctx.job_id) + "classifier"))
+    with ctx.session_factory() as session:
+        repository.mark_succeeded(
+            session,
+            ctx.job_id,
+            artifact_uri=artifact,
+            artifact_sha256=manifest.weights_sha256,
+            owner=ctx.owner,
+        )
+    log.info("job %s succeeded: %s", ctx.job_id, artifact)
+
+
+def _fail(ctx: JobContext, exc: BaseException, tb: str | None) -> None:
+    """Record the failure; `tb` only for unexpected errors, where the stack is what helps."""
+    with ctx.session_factory() as session:
+        repository.mark_failed(
+            session,
+            ctx.job_id,
+            error_type=type(exc).__name__,
+            message=str(exc),
+            traceback=tb,
+            owner=ctx.owner,
+        )
+    log.warning("job %s failed: %s: %s", ctx.job_id, type(exc).__name__, exc)
+
+
+def _cancelled(ctx: JobContext, lost: threading.Event) -> None:
+    """Record the cancellation (its checkpoint is already published), unless the lease was lost."""
+    if lost.is_set():
+        log.warning("job %s: lease lost to another worker or the reconciler; stopped", ctx.job_id)
+        return
+    with ctx.session_factory() as session:
+        repository.mark_cancelled(session, ctx.job_id, owner=ctx.owner)
+    log.info("job %s cancelled", ctx.job_id)
+
+
+def _context(
+    job_id: str,
+    session_factory: sessionmaker[Session],
+    settings: Settings,
+    device: torch.device | str | None,
+    worker_id: str,
+    work_dir: Path | None,
+) -> JobContext:
+    store, prefix = open_store(settings.storage.artifacts_uri, settings, create=True)
+    return JobContext(
+        job_id=job_id,
+        owner=worker_id,
+        settings=settings,
+        session_factory=session_factory,
+        work_dir=(work_dir or default_work_dir()) / job_id,
+        store=store,
+        store_prefix=prefix,
+        device=torch.device(device) if device is not None else default_device(),
+    )
+
+
+def run_training_job(
+    job_id: str,
+    *,
+    session_factory: sessionmaker[Session],
+    settings: Settings,
+    device: torch.device | str | None = None,
+    worker_id: str,
+    work_dir: Path | None = None,
+) -> None:
+    """Run one job to a terminal state; return quietly if another worker holds it or it is finished.
+
+    Engine errors fail the job with their message; anything else also fails it (with the
+    traceback) and is re-raised for the task runner to log.
+    """
+    if not _acquire(job_id, session_factory, settings, worker_id):
+        return
+    ctx = _context(job_id, session_factory, settings, device, worker_id, work_dir)
+    worker = settings.worker
+    lease = keep_lease(
+        job_id,
+        session_factory,
+        owner=worker_id,
+        heartbeat_seconds=worker.heartbeat_seconds,
+        lease_seconds=worker.lease_seconds,
+    )
+    with lease as lost:
+        try:
+            _run(ctx, lost)
+        except Cancelled:
+            _cancelled(ctx, lost)
+        except MustError as exc:
+            _fail(ctx, exc, None)
+        except Exception as exc:
+            _fail(ctx, exc, traceback.format_exc())
+            raise
+        finally:
+            # Checkpoints live in the artifacts store, so the local cache is only worth its disk space
+            # until the job stops; a killed process never gets here and a resume reuses its downloads.
+            shutil.rmtree(ctx.work_dir, ignore_errors=True)

@@ -1,0 +1,31 @@
+"""The Celery task: a thin shell that hands the job id to the training pipeline."""
+
+from __future__ import annotations
+
+import os
+import socket
+from functools import cache
+
+from celery import Task
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.config import get_settings
+from services.db.session import make_engine, make_session_factory
+from services.schemas.jobs import TrainJobMessage
+from worker.celery_app import TRAIN_TASK, celery_app
+from worker.pipeline import run_training_job
+
+
+@cache
+def session_factory() -> sessionmaker[Session]:
+    """One engine per worker process, made on first use (after Celery forks, never before)."""
+    return make_session_factory(make_engine(get_settings().database.url))
+
+
+@celery_app.task(name=TRAIN_TASK, pydantic=True, bind=True)
+def train_must(self: Task, msg: TrainJobMessage) -> None:
+    """Run the adaptation job `msg.job_id` (resuming it if an earlier attempt left a checkpoint)."""
+    worker_id = f"{socket.gethostname()}:{os.getpid()}:{self.request.id}"
+    run_training_job(
+        msg.job_id, session_factory=session_factory(), settings=get_settings(), worker_id=worker_id
+    )
