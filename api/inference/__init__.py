@@ -1,0 +1,1 @@
+"""The inference service: serves adapted and zero-shot CLIP classifiers over HTTP."""

@@ -1,0 +1,108 @@
+"""The inference app: `create_app` wires settings, the job database, the artifacts store and the predictor.
+
+The classifier cache and predictor are built once in the lifespan. uvicorn calls the factory:
+
+    uvicorn api.inference.main:create_app --factory --host 0.0.0.0 --port 8001
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI
+from sqlalchemy import Engine
+
+from api.common import health
+from api.inference import routes
+from api.inference.deps import ImageReader
+from api.inference.errors import register_inference_errors
+from api.inference.predictor import ClassifierCache, Predictor
+from services.config import Settings, get_settings
+from services.db.session import make_engine, make_session_factory
+from services.storage.base import ObjectStore
+
+TITLE = "MUST inference"
+DESCRIPTION = """\
+Classify images with an adapted classifier (`adaptation_id`) or, for comparison, the zero-shot
+baseline of a CLIP for the same class list (`model` + `class_names`).
+"""
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """How the predictor runs; the defaults suit one GPU or a small CPU box."""
+
+    device: str | None = None
+    cache_dir: Path | None = None
+    max_models: int = 4
+    max_batch: int = 32
+    max_wait_s: float = 0.005
+    preprocess_workers: int = 2
+
+
+def _build_predictor(app: FastAPI, options: ServingOptions) -> Predictor:
+    settings: Settings = app.state.settings
+    store, prefix = app.state.artifacts
+    cache = ClassifierCache(
+        session_factory=app.state.session_factory,
+        store=store,
+        prefix=prefix,
+        cache_dir=options.cache_dir or Path(tempfile.gettempdir()) / "must-inference-cache",
+        device=options.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        max_models=options.max_models,
+    )
+    return Predictor(
+        cache,
+        max_image_bytes=settings.limits.max_object_bytes,
+        max_image_pixels=settings.limits.max_image_pixels,
+        max_batch=options.max_batch,
+        max_wait_s=options.max_wait_s,
+        preprocess_workers=options.preprocess_workers,
+    )
+
+
+def _lifespan(options: ServingOptions) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        """Build the predictor once; stop its threads and close the database pool at shutdown."""
+        app.state.predictor = _build_predictor(app, options)
+        yield
+        await app.state.predictor.close()
+        engine: Engine = app.state.engine
+        engine.dispose()
+
+    return lifespan
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    options: ServingOptions | None = None,
+    artifacts_store: ObjectStore | None = None,
+) -> FastAPI:
+    """Build the inference app; `settings` default to the environment, the store to `artifacts_uri`."""
+    settings = settings or get_settings()
+    app = FastAPI(title=TITLE, description=DESCRIPTION, lifespan=_lifespan(options or ServingOptions()))
+    engine = make_engine(settings.database.url)
+    reader = ImageReader(settings)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.session_factory = make_session_factory(engine)
+    app.state.image_reader = reader
+    app.state.artifacts = (
+        (artifacts_store, "") if artifacts_store is not None else reader.open(settings.storage.artifacts_uri)
+    )
+    app.state.readiness_checks = {
+        "database": partial(health.check_database, engine),
+        "artifacts_store": lambda: app.state.artifacts[0].check_access(),
+    }
+    register_inference_errors(app)
+    app.include_router(health.router)
+    app.include_router(routes.router)
+    return app

@@ -1,0 +1,341 @@
+"""The model side of the inference service (no FastAPI here): artifact cache, micro-batcher, predictor.
+
+The split follows LitServe's `LitAPI`: routes decode the HTTP request, call `Predictor`'s
+decode / predict / encode steps, and encode the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import tempfile
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.inference.errors import AdaptationNotReady, ImageRejected
+from services.errors import ArtifactMissing, InvalidRequest, JobNotFound
+from services.jobs import repository
+from services.jobs.states import JobStatus
+from services.must.classifier import validate_class_names, validate_templates
+from services.must.data import ImageLoadError, decode_image
+from services.must.errors import CheckpointError, MustError
+from services.must.export import MANIFEST, WEIGHTS, load_classifier, read_manifest
+from services.must.inference import ImageClassifier
+from services.must.loading import ModelSpec, load_clip
+from services.storage.base import ObjectStore
+from services.storage.keys import classifier_manifest_key, classifier_weights_key, join_key
+
+log = logging.getLogger(__name__)
+
+Forward = Callable[[ImageClassifier, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ZeroShotRequest:
+    """A zero-shot baseline: a CLIP, the class list and optional prompt templates."""
+
+    spec: ModelSpec
+    class_names: tuple[str, ...]
+    templates: tuple[str, ...] | None = None
+
+    def key(self) -> str:
+        """A cache key that also covers a custom config given as a dict (ModelSpec does not hash it)."""
+        spec = self.spec
+        config = json.dumps(spec.config, sort_keys=True) if isinstance(spec.config, dict) else spec.config
+        parts = [spec.arch, spec.pretrained, spec.checkpoint, config, self.class_names, self.templates]
+        return "zero-shot:" + json.dumps(parts)
+
+
+@dataclass
+class ServedModel:
+    """A loaded classifier and how responses describe it."""
+
+    key: str
+    classifier: ImageClassifier
+    description: dict[str, Any]
+    adaptation_id: str | None = None
+    artifact_sha256: str | None = None
+
+
+def canonical_job_id(raw: str) -> str:
+    """The canonical form of a job id; a string that is not a UUID names no adaptation."""
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError:
+        raise JobNotFound(raw[:64]) from None
+
+
+@dataclass
+class ClassifierCache:
+    """Loaded classifiers, least recently used evicted beyond `max_models`.
+
+    Adapted classifiers are keyed by job id and reloaded when the job's `artifact_sha256` changes;
+    their files are kept on disk under `cache_dir/<job id>/<sha256>/` so a reload after eviction
+    does not download again.
+    """
+
+    session_factory: sessionmaker[Session]
+    store: ObjectStore
+    prefix: str
+    cache_dir: Path
+    device: str | torch.device = "cpu"
+    max_models: int = 4
+    _models: OrderedDict[str, ServedModel] = field(default_factory=OrderedDict, init=False)
+    # Loads are rare and heavy; one lock keeps two requests from loading the same model twice.
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+
+    def adapted(self, adaptation_id: str) -> ServedModel:
+        """The classifier of a succeeded adaptation, at the artifact version the job row names."""
+        job_id = canonical_job_id(adaptation_id)
+        with self.session_factory() as session:
+            job = repository.get_job(session, job_id)
+            status, sha = job.status, job.artifact_sha256
+        if status != JobStatus.SUCCEEDED or not sha:
+            raise AdaptationNotReady(job_id, str(status))
+        with self._lock:
+            cached = self._get(job_id)
+            if cached is not None and cached.artifact_sha256 == sha:
+                return cached
+            served = self._load_adapted(job_id, sha)
+            self._put(served)
+        if cached is not None:
+            shutil.rmtree(self.cache_dir / job_id / str(cached.artifact_sha256), ignore_errors=True)
+        return served
+
+    def zero_shot(self, request: ZeroShotRequest) -> ServedModel:
+        """The zero-shot baseline classifier for a CLIP and class list."""
+        key = request.key()
+        with self._lock:
+            cached = self._get(key)
+            if cached is not None:
+                return cached
+            served = self._load_zero_shot(request, key)
+            self._put(served)
+            return served
+
+    def _get(self, key: str) -> ServedModel | None:
+        served = self._models.get(key)
+        if served is not None:
+            self._models.move_to_end(key)
+        return served
+
+    def _put(self, served: ServedModel) -> None:
+        self._models[served.key] = served
+        self._models.move_to_end(served.key)
+        while len(self._models) > self.max_models:
+            evicted, _ = self._models.popitem(last=False)
+            log.info("evicted classifier %s from the cache", evicted)
+
+    def _load_adapted(self, job_id: str, sha: str) -> ServedModel:
+        model_dir = self._download(job_id, sha)
+        try:
+            classifier = load_classifier(model_dir, self.device)
+            manifest = read_manifest(model_dir)
+        except CheckpointError as exc:
+            shutil.rmtree(model_dir, ignore_errors=True)
+            raise ArtifactMissing(f"adaptation {job_id!r} has an unusable classifier: {exc}") from exc
+        if manifest.weights_sha256 != sha:
+            shutil.rmtree(model_dir, ignore_errors=True)
+            raise ArtifactMissing(f"adaptation {job_id!r}: the stored classifier is not the recorded version")
+        description = {
+            "kind": "adapted",
+            "source_model": manifest.source_model,
+            "class_names": manifest.class_names,
+            "network": manifest.network,
+            "created_at": manifest.created_at,
+        }
+        return ServedModel(job_id, classifier, description, job_id, sha)
+
+    def _download(self, job_id: str, sha: str) -> Path:
+        """The artifact's local folder, downloaded (manifest first, to detect a concurrent republish)."""
+        target = self.cache_dir / job_id / sha
+        if (target / MANIFEST).is_file() and (target / WEIGHTS).is_file():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".download-"))
+        try:
+            self.store.download_file(
+                join_key(self.prefix, classifier_manifest_key(job_id)), staging / MANIFEST
+            )
+            self.store.download_file(join_key(self.prefix, classifier_weights_key(job_id)), staging / WEIGHTS)
+            shutil.rmtree(target, ignore_errors=True)
+            staging.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    def _load_zero_shot(self, request: ZeroShotRequest, key: str) -> ServedModel:
+        try:
+            names = validate_class_names(request.class_names)
+            templates = validate_templates(request.templates)
+            clip = load_clip(request.spec, self.device)
+        except (MustError, OSError) as exc:
+            raise InvalidRequest(f"cannot build the zero-shot baseline: {exc}") from exc
+        classifier = ImageClassifier.zero_shot(clip, names, templates, device=self.device)
+        spec = request.spec
+        source = {"arch": spec.arch, "pretrained": spec.pretrained, "checkpoint": spec.checkpoint}
+        source["config"] = spec.config if isinstance(spec.config, str) else None
+        description = {
+            "kind": "zero_shot",
+            "source_model": source,
+            "class_names": names,
+            "templates": templates,
+        }
+        return ServedModel(key, classifier, description)
+
+
+@dataclass
+class _Pending:
+    model: ServedModel
+    pixels: torch.Tensor
+    done: asyncio.Future[torch.Tensor]
+
+
+class MicroBatcher:
+    """Collects concurrent requests for up to `max_wait_s` or `max_batch` images, one forward per model.
+
+    A single worker task runs the forwards one after another in a thread, so the event loop stays
+    free and the device never runs two batches at once; requests that arrive during a forward
+    form the next batch.
+    """
+
+    def __init__(self, forward: Forward, *, max_batch: int = 32, max_wait_s: float = 0.005) -> None:
+        self.forward = forward
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._worker: asyncio.Task[None] | None = None
+
+    async def submit(self, model: ServedModel, pixels: torch.Tensor) -> torch.Tensor:
+        """Class probabilities for `pixels`, computed in a batch with other pending requests."""
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._run(self._queue))
+        done: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(model, pixels, done))
+        return await done
+
+    async def close(self) -> None:
+        """Stop the worker task."""
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+            self._worker = None
+
+    async def _collect(self, queue: asyncio.Queue[_Pending]) -> list[_Pending]:
+        batch = [await queue.get()]
+        size = len(batch[0].pixels)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait_s
+        while size < self.max_batch:
+            try:
+                item = await asyncio.wait_for(queue.get(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                break
+            batch.append(item)
+            size += len(item.pixels)
+        return batch
+
+    async def _run(self, queue: asyncio.Queue[_Pending]) -> None:
+        while True:
+            batch = await self._collect(queue)
+            # Grouped by the loaded object, not the cache key: a reload may change a key's model mid-batch.
+            groups: dict[int, list[_Pending]] = {}
+            for item in batch:
+                groups.setdefault(id(item.model.classifier), []).append(item)
+            for items in groups.values():
+                await self._execute(items)
+
+    async def _execute(self, items: list[_Pending]) -> None:
+        pixels = torch.cat([item.pixels for item in items])
+        try:
+            probs = await asyncio.to_thread(self.forward, items[0].model.classifier, pixels)
+        except Exception as exc:
+            for item in items:
+                if not item.done.done():
+                    item.done.set_exception(exc)
+            return
+        start = 0
+        for item in items:
+            stop = start + len(item.pixels)
+            if not item.done.done():
+                item.done.set_result(probs[start:stop])
+            start = stop
+
+
+def run_forward(classifier: ImageClassifier, pixels: torch.Tensor) -> torch.Tensor:
+    """One forward pass: class probabilities [B, K] on the CPU."""
+    return classifier.predict(pixels)
+
+
+class Predictor:
+    """decode (bytes to pixels, in a thread pool) → predict (micro-batched) → encode (top-k labels)."""
+
+    def __init__(
+        self,
+        cache: ClassifierCache,
+        *,
+        max_image_bytes: int,
+        max_image_pixels: int,
+        max_batch: int = 32,
+        max_wait_s: float = 0.005,
+        preprocess_workers: int = 2,
+    ) -> None:
+        self.cache = cache
+        self.max_image_bytes = max_image_bytes
+        self.max_image_pixels = max_image_pixels
+        self.batcher = MicroBatcher(self.forward, max_batch=max_batch, max_wait_s=max_wait_s)
+        self._pool = ThreadPoolExecutor(max_workers=preprocess_workers, thread_name_prefix="preprocess")
+
+    def forward(self, classifier: ImageClassifier, pixels: torch.Tensor) -> torch.Tensor:
+        """One batched forward; an attribute of its own so it can be observed."""
+        return run_forward(classifier, pixels)
+
+    async def adapted(self, adaptation_id: str) -> ServedModel:
+        """The adapted classifier (the job lookup and any download run in a thread)."""
+        return await asyncio.to_thread(self.cache.adapted, adaptation_id)
+
+    async def zero_shot(self, request: ZeroShotRequest) -> ServedModel:
+        """The zero-shot baseline classifier (built in a thread on first use)."""
+        return await asyncio.to_thread(self.cache.zero_shot, request)
+
+    async def decode(self, model: ServedModel, images: Sequence[tuple[str, bytes]]) -> torch.Tensor:
+        """Decode and preprocess named image bytes off the event loop; ImageRejected names a bad one."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._preprocess, model.classifier, images)
+
+    def _preprocess(self, classifier: ImageClassifier, images: Sequence[tuple[str, bytes]]) -> torch.Tensor:
+        decoded = []
+        for name, data in images:
+            try:
+                decoded.append(
+                    decode_image(data, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+                )
+            except ImageLoadError as exc:
+                raise ImageRejected(name, exc.reason, str(exc)) from None
+        return classifier.preprocess(decoded)
+
+    async def predict(self, model: ServedModel, pixels: torch.Tensor) -> torch.Tensor:
+        """Class probabilities [B, K], batched with concurrent requests for the same model."""
+        return await self.batcher.submit(model, pixels)
+
+    def encode(self, model: ServedModel, probs: torch.Tensor, top_k: int) -> list[list[dict[str, Any]]]:
+        """The `top_k` labels and probabilities of each image."""
+        return model.classifier.top_k(probs, top_k)
+
+    async def close(self) -> None:
+        """Stop the batcher and the preprocessing threads."""
+        await self.batcher.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
