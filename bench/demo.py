@@ -17,7 +17,7 @@ import torch
 from bench.shapes import CLASS_NAMES, iter_domain, write_folder
 from bench.tiny_clip import TINY_CLIP_SPEC
 from services.must.adapt import adapt, prepare
-from services.must.cli import _ProgressBar
+from services.must.cli import ProgressBar
 from services.must.config import MustConfig
 from services.must.evaluation import top1
 from services.must.export import load_classifier
@@ -43,7 +43,7 @@ def main() -> None:
     before = top1(zero_shot, pixels, labels_t)
 
     print(f"adapting the tiny CLIP with MUST ({args.steps} steps) ...")
-    bar = _ProgressBar(quiet=False)
+    bar = ProgressBar(quiet=False)
     start = time.perf_counter()
     result = adapt(
         images,

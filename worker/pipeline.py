@@ -16,7 +16,7 @@ import threading
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from pydantic import ValidationError
@@ -26,16 +26,13 @@ from services.config import Settings
 from services.errors import InvalidJobTransition, JobNotFound, ObjectNotFound, StorageError
 from services.jobs import repository
 from services.jobs.states import JobPhase
-from services.must.adapt import PathViews, Prepared, calibrate, default_device, prepare
+from services.must.adapt import Adaptation, default_device, start
 from services.must.checkpoint import LATEST, CheckpointFiles, read_latest
-from services.must.config import MustConfig, resolve
+from services.must.config import MustConfig
 from services.must.errors import Cancelled, CheckpointError, ConfigError, ModelLoadError, MustError
-from services.must.export import MANIFEST, WEIGHTS, Manifest, export_classifier
+from services.must.export import MANIFEST, WEIGHTS, Manifest
 from services.must.loading import ModelSpec
-from services.must.network import MustNetwork
-from services.must.task import MustTask
-from services.must.trainer import FitResult, TrainerHooks, fit
-from services.must.transforms import TwoViews
+from services.must.trainer import FitResult, TrainerHooks
 from services.schemas.jobs import AdaptationCreate
 from services.storage import keys
 from services.storage.base import ObjectStore
@@ -139,14 +136,10 @@ def _stage_dataset(ctx: JobContext, request: AdaptationCreate) -> StagedImages:
     return staged
 
 
-def _prepare_task(
-    ctx: JobContext, request: AdaptationCreate, staged: StagedImages
-) -> tuple[Prepared, MustTask, MustConfig]:
+def _start(ctx: JobContext, request: AdaptationCreate, staged: StagedImages) -> Adaptation:
     """Load the CLIP, build the zero-shot head and pick the confidence threshold without labels."""
     ctx.set_phase(JobPhase.SCORING_ZERO_SHOT)
     hparams = {"checkpoint_every": ctx.settings.worker.checkpoint_every, **(request.hparams or {})}
-    cfg = resolve(MustConfig.from_dict(hparams), len(staged.paths))
-    torch.manual_seed(cfg.seed)
     model = request.model
     spec = ModelSpec(
         arch=model.arch,
@@ -154,10 +147,14 @@ def _prepare_task(
         checkpoint=_local_model_file(model.checkpoint, ctx),
         config=_local_model_file(model.config, ctx),
     )
-    prepared = prepare(spec, request.class_names, request.templates, ctx.device)
-    # Deterministic (eval transform, zero-shot weights): a resumed job recomputes the same threshold.
-    threshold = calibrate(prepared, staged.paths, cfg, ctx.device)
-    return prepared, MustTask(prepared.network, cfg, threshold.to(ctx.device)), cfg
+    return start(
+        staged.paths,
+        request.class_names,
+        model=spec,
+        templates=request.templates,
+        config=MustConfig.from_dict(hparams),
+        device=ctx.device,
+    )
 
 
 def _remote_pointer(ctx: JobContext) -> dict[str, Any] | None:
@@ -208,14 +205,7 @@ def _publish_checkpoint(ctx: JobContext, files: CheckpointFiles, lost: threading
         repository.update_progress(session, ctx.job_id, owner=ctx.owner, checkpoint_uri=latest)
 
 
-def _train(
-    ctx: JobContext,
-    prepared: Prepared,
-    task: MustTask,
-    cfg: MustConfig,
-    staged: StagedImages,
-    lost: threading.Event,
-) -> FitResult:
+def _train(ctx: JobContext, run: Adaptation, lost: threading.Event) -> FitResult:
     """Resume from the stored checkpoint if any, then train, publishing every checkpoint."""
     ctx.set_phase(JobPhase.TRAINING)
     checkpoint_dir = ctx.work_dir / "checkpoints"
@@ -235,51 +225,22 @@ def _train(
         # A lost lease stops the run like a cancellation, but the pipeline then records nothing.
         should_cancel=lambda: lost.is_set() or cancel_requested(),
     )
-    views = TwoViews(prepared.clip.preprocess, cfg.strong_crop_min, cfg.rand_augment)
-    return fit(
-        task,
-        PathViews(staged.paths, views),
-        cfg,
-        device=ctx.device,
-        checkpoint_dir=checkpoint_dir,
-        hooks=hooks,
-    )
+    return run.train(checkpoint_dir, hooks)
 
 
 def _export(
-    ctx: JobContext,
-    request: AdaptationCreate,
-    prepared: Prepared,
-    task: MustTask,
-    result: FitResult,
-    staged: StagedImages,
+    ctx: JobContext, request: AdaptationCreate, run: Adaptation, result: FitResult, staged: StagedImages
 ) -> Manifest:
     """Export the EMA teacher as the classifier and publish its weights, then its manifest."""
     ctx.set_phase(JobPhase.EXPORTING)
     out_dir = ctx.work_dir / "classifier"
-    # nn.Module attributes read as `Tensor | Module` to type checkers; these two are known.
-    threshold = cast(torch.Tensor, task.threshold)
-    teacher = cast(MustNetwork, task.teacher.module)
-    metrics = {
-        "images_used": len(staged.paths),
-        "images_skipped": staged.skipped.to_dict(),
-        "threshold": threshold.flatten().tolist(),
-        "last_step": result.history[-1] if result.history else {},
-    }
     # Name the model as the request did, not by the local copy a download left in the work folder.
     source = {
-        **prepared.source_model(),
+        **run.prepared.source_model(),
         "checkpoint": request.model.checkpoint,
         "config": request.model.config,
     }
-    manifest = export_classifier(
-        prepared.classifier(teacher),
-        out_dir,
-        model_cfg=prepared.clip.model_cfg,
-        templates=prepared.templates,
-        source_model=source,
-        metrics=metrics,
-    )
+    manifest = run.export(out_dir, result, staged.skipped, source_model=source)
     _publish_classifier(ctx, out_dir)
     return manifest
 
@@ -294,9 +255,9 @@ def _run(ctx: JobContext, lost: threading.Event) -> None:
     """Every phase of the job, ending with the job marked succeeded."""
     request = _read_request(ctx)
     staged = _stage_dataset(ctx, request)
-    prepared, task, cfg = _prepare_task(ctx, request, staged)
-    result = _train(ctx, prepared, task, cfg, staged, lost)
-    manifest = _export(ctx, request, prepared, task, result, staged)
+    run = _start(ctx, request, staged)
+    result = _train(ctx, run, lost)
+    manifest = _export(ctx, request, run, result, staged)
     # The folder holding weights and manifest (no trailing `/`: local stores refuse empty key parts).
     artifact = ctx.store.uri(ctx.key(keys.adaptation_prefix(ctx.job_id) + "classifier"))
     with ctx.session_factory() as session:

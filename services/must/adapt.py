@@ -117,6 +117,83 @@ def calibrate(
 
 
 @dataclass
+class Adaptation:
+    """One MUST run, set up from unlabeled images: the steps `adapt()` runs, for callers that
+    put their own work between them (the worker restores a stored checkpoint before `train`).
+
+    Keeping the setup in one place matters for resume: a resumed run must seed, calibrate and
+    build its views exactly as the interrupted one did.
+    """
+
+    prepared: Prepared
+    task: MustTask
+    config: MustConfig
+    paths: list[Path]
+    device: torch.device
+
+    @property
+    def threshold(self) -> list[float]:
+        return self.task.threshold.flatten().tolist()
+
+    def train(self, checkpoint_dir: Path, hooks: TrainerHooks | None = None) -> FitResult:
+        """Run the schedule, resuming from `checkpoint_dir/latest.json` when there is one."""
+        cfg = self.config
+        views = TwoViews(self.prepared.clip.preprocess, cfg.strong_crop_min, cfg.rand_augment)
+        return fit(
+            self.task,
+            PathViews(self.paths, views),
+            cfg,
+            device=self.device,
+            checkpoint_dir=checkpoint_dir,
+            hooks=hooks,
+        )
+
+    def export(
+        self,
+        out_dir: Path,
+        result: FitResult,
+        skipped: SkipReport,
+        source_model: dict[str, Any] | None = None,
+    ) -> Manifest:
+        """Write the EMA teacher as the served classifier, with the run's label-free metrics."""
+        metrics = {
+            "images_used": len(self.paths),
+            "images_skipped": skipped.to_dict(),
+            "threshold": self.threshold,
+            "last_step": result.history[-1] if result.history else {},
+        }
+        return export_classifier(
+            self.prepared.classifier(self.task.teacher.module),
+            out_dir,
+            model_cfg=self.prepared.clip.model_cfg,
+            templates=self.prepared.templates,
+            source_model=source_model or self.prepared.source_model(),
+            metrics=metrics,
+        )
+
+
+def start(
+    paths: Sequence[Path],
+    class_names: Sequence[str],
+    *,
+    model: ModelSpec,
+    templates: Sequence[str] | None = None,
+    config: MustConfig | None = None,
+    device: torch.device | str | None = None,
+) -> Adaptation:
+    """Resolve the defaults for these images, load the CLIP and choose the threshold without labels."""
+    device = torch.device(device) if device is not None else default_device()
+    cfg = resolve((config or MustConfig()).validate(), len(paths))
+    torch.manual_seed(cfg.seed)
+    prepared = prepare(model, class_names, templates, device)
+    # Calibration is deterministic (eval transform, zero-shot weights), so a resumed run simply
+    # recomputes the same threshold before the checkpoint restores everything else.
+    threshold = calibrate(prepared, paths, cfg, device)
+    task = MustTask(prepared.network, cfg, threshold.to(device))
+    return Adaptation(prepared, task, cfg, list(paths), device)
+
+
+@dataclass
 class AdaptResult:
     classifier_dir: Path
     manifest: Manifest
@@ -157,42 +234,10 @@ def adapt(
     max_images: int | None = None,
 ) -> AdaptResult:
     """Run MUST end to end on local images and export the adapted classifier to `out_dir/classifier`."""
-    device = torch.device(device) if device is not None else default_device()
     paths, skipped = list_images(images, max_images)
-    cfg = resolve((config or MustConfig()).validate(), len(paths))
-    torch.manual_seed(cfg.seed)
-    prepared = prepare(model, class_names, templates, device)
-    # Calibration is deterministic (eval transform, zero-shot weights), so a resumed run simply
-    # recomputes the same threshold before the checkpoint restores everything else.
-    threshold = calibrate(prepared, paths, cfg, device)
-    task = MustTask(prepared.network, cfg, threshold.to(device))
-    result = fit(
-        task,
-        PathViews(paths, TwoViews(prepared.clip.preprocess, cfg.strong_crop_min, cfg.rand_augment)),
-        cfg,
-        device=device,
-        checkpoint_dir=out_dir / "checkpoints",
-        hooks=hooks,
-    )
-    metrics = {
-        "images_used": len(paths),
-        "images_skipped": skipped.to_dict(),
-        "threshold": task.threshold.flatten().tolist(),
-        "last_step": result.history[-1] if result.history else {},
-    }
-    manifest = export_classifier(
-        prepared.classifier(task.teacher.module),
-        out_dir / "classifier",
-        model_cfg=prepared.clip.model_cfg,
-        templates=prepared.templates,
-        source_model=prepared.source_model(),
-        metrics=metrics,
-    )
+    run = start(paths, class_names, model=model, templates=templates, config=config, device=device)
+    result = run.train(out_dir / "checkpoints", hooks)
+    manifest = run.export(out_dir / "classifier", result, skipped)
     return AdaptResult(
-        out_dir / "classifier", manifest, result, cfg, len(paths), skipped, task.threshold.flatten().tolist()
+        out_dir / "classifier", manifest, result, run.config, len(paths), skipped, run.threshold
     )
-
-
-def open_images(paths: Sequence[Path]) -> list[Image.Image]:
-    """PIL images for a list of files (the CLI's and tests' convenience)."""
-    return [Image.open(p).convert("RGB") for p in paths]

@@ -87,7 +87,9 @@ def _spec(args: argparse.Namespace) -> ModelSpec:
     return ModelSpec(arch=args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
 
 
-class _ProgressBar:
+class ProgressBar:
+    """A tqdm bar fed by the trainer's on_step callback."""
+
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
         self.bar: tqdm | None = None
@@ -112,7 +114,7 @@ class _ProgressBar:
 def adapt_main(argv: Sequence[str] | None = None) -> int:
     args = adapt_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    bar = _ProgressBar(args.quiet)
+    bar = ProgressBar(args.quiet)
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "metrics.jsonl", "a") as metrics_file:
 

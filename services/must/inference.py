@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,8 +43,6 @@ class ImageClassifier(nn.Module):
         cls, network: MustNetwork, class_names: Sequence[str], preprocess: PreprocessCfg
     ) -> ImageClassifier:
         """The classifier part of a trained MustNetwork (the MIM modules are left behind)."""
-        import copy
-
         visual = copy.deepcopy(network.visual).eval()
         return cls(visual, network.head.detach(), network.logit_scale, class_names, preprocess)
 

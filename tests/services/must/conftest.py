@@ -74,3 +74,26 @@ def torch_single_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+MICRO_CONFIG: dict[str, Any] = {
+    "embed_dim": 32,
+    "vision_cfg": {
+        "image_size": 32,
+        "layers": 2,
+        "width": 64,
+        "head_width": 32,
+        "patch_size": 8,
+        "mlp_ratio": 2.0,
+    },
+    "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def micro_clip(tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
+    """A random-weight micro CLIP (patch 8, 16 tokens) saved as config + safetensors: fast training runs."""
+    root = tmp_path_factory.mktemp("micro_clip")
+    save_state_dict(build_random_clip(MICRO_CONFIG), root / "w.safetensors")
+    (root / "config.json").write_text(json.dumps(MICRO_CONFIG))
+    return ModelSpec(config=str(root / "config.json"), checkpoint=str(root / "w.safetensors"))

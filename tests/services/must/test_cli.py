@@ -12,7 +12,6 @@ import pytest
 
 from bench.shapes import write_folder
 from services.must.cli import adapt_main, predict_main
-from tests.services.must.test_trainer import micro_clip  # noqa: F401 - fixture
 
 
 def _args(spec, images: Path, out: Path, classes: str, *extra: str) -> list[str]:
@@ -38,13 +37,13 @@ def _args(spec, images: Path, out: Path, classes: str, *extra: str) -> list[str]
     ("classes", "message"),
     [("circle", "at least two class names"), ("circle,square,circle", "repeated: circle"), ("a,,b", "empty")],
 )
-def test_bad_class_lists(micro_clip, tmp_path: Path, capsys, classes: str, message: str) -> None:  # noqa: F811
+def test_bad_class_lists(micro_clip, tmp_path: Path, capsys, classes: str, message: str) -> None:
     write_folder("target", 4, seed=1, out=tmp_path / "imgs")
     assert adapt_main(_args(micro_clip, tmp_path / "imgs", tmp_path / "out", classes)) == 2
     assert message in capsys.readouterr().err
 
 
-def test_empty_and_missing_folders(micro_clip, tmp_path: Path, capsys) -> None:  # noqa: F811
+def test_empty_and_missing_folders(micro_clip, tmp_path: Path, capsys) -> None:
     (tmp_path / "empty").mkdir()
     assert adapt_main(_args(micro_clip, tmp_path / "empty", tmp_path / "out", "a,b")) == 2
     assert "no readable images" in capsys.readouterr().err
@@ -52,7 +51,7 @@ def test_empty_and_missing_folders(micro_clip, tmp_path: Path, capsys) -> None: 
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_only_bad_files_fail_with_counts(micro_clip, tmp_path: Path, capsys) -> None:  # noqa: F811
+def test_only_bad_files_fail_with_counts(micro_clip, tmp_path: Path, capsys) -> None:
     folder = tmp_path / "bad"
     folder.mkdir()
     (folder / "notes.txt").write_text("hello")
@@ -63,7 +62,7 @@ def test_only_bad_files_fail_with_counts(micro_clip, tmp_path: Path, capsys) -> 
     assert "not_an_image" in err
 
 
-def test_bad_hyperparameters(micro_clip, tmp_path: Path, capsys) -> None:  # noqa: F811
+def test_bad_hyperparameters(micro_clip, tmp_path: Path, capsys) -> None:
     write_folder("target", 4, seed=1, out=tmp_path / "imgs")
     args = _args(micro_clip, tmp_path / "imgs", tmp_path / "out", "a,b", "--hparams", '{"mask_ratio": 2}')
     assert adapt_main(args) == 2
@@ -73,7 +72,7 @@ def test_bad_hyperparameters(micro_clip, tmp_path: Path, capsys) -> None:  # noq
     assert "unknown hyperparameters: colour" in capsys.readouterr().err
 
 
-def test_adapt_skips_corrupt_files_then_predict(micro_clip, tmp_path: Path, capsys) -> None:  # noqa: F811
+def test_adapt_skips_corrupt_files_then_predict(micro_clip, tmp_path: Path, capsys) -> None:
     images = tmp_path / "imgs"
     written = write_folder("target", 12, seed=2, out=images)
     (images / "corrupt.png").write_bytes(written[0][0].read_bytes()[:40])

@@ -12,11 +12,11 @@ from bench.shapes import iter_domain
 from services.must.adapt import prepare
 from services.must.errors import CheckpointError
 from services.must.export import MANIFEST, WEIGHTS, export_classifier, load_classifier
-from tests.services.must.test_trainer import CLASSES, micro_clip  # noqa: F401 - fixture
+from tests.services.must.test_trainer import CLASSES
 
 
 @pytest.fixture
-def exported(micro_clip, tmp_path: Path):  # noqa: F811
+def exported(micro_clip, tmp_path: Path):
     prepared = prepare(micro_clip, CLASSES)
     with torch.no_grad():
         prepared.network.head.add_(0.01 * torch.randn_like(prepared.network.head))

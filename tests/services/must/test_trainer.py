@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import open_clip
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from bench.shapes import write_folder
 from services.must.adapt import adapt
@@ -18,30 +17,7 @@ from services.must.errors import Cancelled
 from services.must.loading import ModelSpec
 from services.must.trainer import StepMetrics, TrainerHooks
 
-MICRO_CONFIG = {
-    "embed_dim": 32,
-    "vision_cfg": {
-        "image_size": 32,
-        "layers": 2,
-        "width": 64,
-        "head_width": 32,
-        "patch_size": 8,
-        "mlp_ratio": 2.0,
-    },
-    "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 CLASSES = ["circle", "square", "triangle", "star"]
-
-
-@pytest.fixture(scope="module")
-def micro_clip(tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
-    """A random-weight micro CLIP saved as config + safetensors checkpoint."""
-    root = tmp_path_factory.mktemp("micro_clip")
-    torch.manual_seed(0)
-    model = open_clip.CLIP(**MICRO_CONFIG)
-    save_file({k: v.clone().contiguous() for k, v in model.state_dict().items()}, str(root / "w.safetensors"))
-    (root / "config.json").write_text(json.dumps(MICRO_CONFIG))
-    return ModelSpec(config=str(root / "config.json"), checkpoint=str(root / "w.safetensors"))
 
 
 @pytest.fixture(scope="module")
