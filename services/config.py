@@ -51,9 +51,10 @@ class DatabaseSettings(BaseModel):
 class BrokerSettings(BaseModel):
     """Where job ids are queued for workers."""
 
-    # Any Celery broker URL; `filesystem://` or `sqla+sqlite:///...` run without a server (embedded).
+    # Any Celery broker URL. The default, `filesystem://`, needs no server (the embedded default,
+    # one machine); deployments use redis://.
     # https://docs.celeryq.dev/en/stable/getting-started/backends-and-brokers/index.html
-    url: str = "redis://127.0.0.1:6379/0"
+    url: str = "filesystem://"
     # With late acks, Redis hands a task that is still unacknowledged after this many seconds to
     # another worker (Celery's default is 1 h), so it must outlast the longest job.
     # https://docs.celeryq.dev/en/stable/getting-started/backends-and-brokers/redis.html#visibility-timeout
@@ -105,6 +106,8 @@ class WorkerSettings(BaseModel):
     lease_seconds: float = Field(default=60, gt=0)
     checkpoint_every: int = Field(default=200, gt=0)
     progress_every_seconds: float = Field(default=3, gt=0)
+    # How often each worker looks for running jobs whose lease expired (their worker died).
+    reconcile_every_seconds: float = Field(default=30, gt=0)
 
     @model_validator(mode="after")
     def _lease_outlives_heartbeat(self) -> Self:

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 # latest.json is a few hundred bytes; anything much larger is not ours.
 MAX_POINTER_BYTES = 1 << 20
+# One metrics row every few seconds: a week-long job stays well under this.
+MAX_METRIC_ROWS = 500_000
 
 
 def default_work_dir() -> Path:
@@ -194,12 +196,24 @@ def _restore_checkpoint(ctx: JobContext, checkpoint_dir: Path) -> None:
     log.info("job %s: restored the checkpoint of step %d", ctx.job_id, pointer["step"])
 
 
+def _publish_metrics(ctx: JobContext) -> None:
+    """Write the job's metric history so far to `metrics.jsonl` beside its checkpoints."""
+    with ctx.session_factory() as session:
+        rows = repository.list_metrics(session, ctx.job_id, limit=MAX_METRIC_ROWS)
+        lines = [
+            json.dumps({"step": row.step, "time": row.created_at.isoformat(), **row.values}) for row in rows
+        ]
+    body = "".join(f"{line}\n" for line in lines).encode()
+    ctx.store.write_bytes(ctx.key(keys.metrics_key(ctx.job_id)), body)
+
+
 def _publish_checkpoint(ctx: JobContext, files: CheckpointFiles, lost: threading.Event) -> None:
-    """Upload a checkpoint (weights, state, then latest.json) and record where it is."""
+    """Upload a checkpoint (weights, state, then latest.json) and the metrics, and record where it is."""
     if lost.is_set():
         # Another worker may own the job now; an older latest.json must not replace its newer one.
         return
     publish(ctx.store, [(ctx.key(keys.checkpoint_key(ctx.job_id, p.name)), p) for p in files.publish_order()])
+    _publish_metrics(ctx)
     with ctx.session_factory() as session:
         latest = ctx.store.uri(ctx.key(keys.latest_checkpoint_key(ctx.job_id)))
         repository.update_progress(session, ctx.job_id, owner=ctx.owner, checkpoint_uri=latest)
@@ -258,6 +272,7 @@ def _run(ctx: JobContext, lost: threading.Event) -> None:
     run = _start(ctx, request, staged)
     result = _train(ctx, run, lost)
     manifest = _export(ctx, request, run, result, staged)
+    _publish_metrics(ctx)
     # The folder holding weights and manifest (no trailing `/`: local stores refuse empty key parts).
     artifact = ctx.store.uri(ctx.key(keys.adaptation_prefix(ctx.job_id) + "classifier"))
     with ctx.session_factory() as session:

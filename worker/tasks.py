@@ -7,6 +7,7 @@ import socket
 from functools import cache
 
 from celery import Task
+from celery.signals import worker_ready
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.config import get_settings
@@ -14,6 +15,7 @@ from services.db.session import make_engine, make_session_factory
 from services.schemas.jobs import TrainJobMessage
 from worker.celery_app import TRAIN_TASK, celery_app
 from worker.pipeline import run_training_job
+from worker.reconcile import start_reconciler
 
 
 @cache
@@ -29,3 +31,9 @@ def train_must(self: Task, msg: TrainJobMessage) -> None:
     run_training_job(
         msg.job_id, session_factory=session_factory(), settings=get_settings(), worker_id=worker_id
     )
+
+
+@worker_ready.connect
+def _start_reconciler(**_: object) -> None:
+    """Each worker brings back jobs whose worker died (see worker.reconcile)."""
+    start_reconciler(session_factory(), celery_app.send_task, get_settings().worker.reconcile_every_seconds)

@@ -33,7 +33,8 @@ def test_embedded_defaults_are_absolute(tmp_path: Path) -> None:
     assert settings.environment == "embedded"
     assert settings.database.url == f"sqlite:///{tmp_path.resolve()}/.must/must.db"
     assert settings.storage.artifacts_uri == (tmp_path.resolve() / ".must" / "store").as_uri()
-    assert settings.broker.url == "redis://127.0.0.1:6379/0"
+    assert settings.broker.url == "filesystem://"
+    assert settings.broker.filesystem_folder == tmp_path.resolve() / ".must" / "broker"
     assert settings.limits.list_page_size == 1000
     assert settings.worker.lease_seconds > settings.worker.heartbeat_seconds
     assert settings.api_keys == []
@@ -41,14 +42,14 @@ def test_embedded_defaults_are_absolute(tmp_path: Path) -> None:
 
 def test_nested_env_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MUST_DATABASE__URL", "postgresql+psycopg://u:p@h:5432/d")
-    monkeypatch.setenv("MUST_BROKER__URL", "filesystem://")
+    monkeypatch.setenv("MUST_BROKER__URL", "redis://redis:6379/0")
     monkeypatch.setenv("MUST_STORAGE__ARTIFACTS_URI", "s3://must-artifacts/prod")
     monkeypatch.setenv("MUST_STORAGE__S3_ENDPOINT_URL", "http://minio:9000")
     monkeypatch.setenv("MUST_LIMITS__MAX_OBJECT_BYTES", "1024")
     monkeypatch.setenv("MUST_WORKER__CHECKPOINT_EVERY", "50")
     settings = Settings()
     assert settings.database.url == "postgresql+psycopg://u:p@h:5432/d"
-    assert settings.broker.url == "filesystem://"
+    assert settings.broker.url == "redis://redis:6379/0"
     assert settings.storage.artifacts_uri == "s3://must-artifacts/prod"
     assert settings.storage.s3_endpoint_url == "http://minio:9000"
     assert settings.limits.max_object_bytes == 1024

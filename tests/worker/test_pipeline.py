@@ -96,7 +96,7 @@ def test_job_trains_and_publishes_classifier(
         f"checkpoints/step-{s:06d}{ext}" for s in (2, 4, 6) for ext in (".safetensors", ".state.json")
     }
     classifier = {"classifier/model.safetensors", "classifier/manifest.json"}
-    assert checkpoints | classifier | {"checkpoints/latest.json"} <= stored
+    assert checkpoints | classifier | {"checkpoints/latest.json", "metrics.jsonl"} <= stored
     assert _latest_step(s3_client, bucket, job_id) == 6
     manifest_key = f"artifacts/adaptations/{job_id}/classifier/manifest.json"
     manifest = json.loads(s3_client.get_object(Bucket=bucket, Key=manifest_key)["Body"].read())
@@ -107,6 +107,9 @@ def test_job_trains_and_publishes_classifier(
         history = repository.list_metrics(session, job_id)
     assert [point.step for point in history][-1] == 6
     assert {"loss", "lr", "images_per_sec"} <= set(history[-1].values)
+    metrics_key = f"artifacts/adaptations/{job_id}/metrics.jsonl"
+    lines = s3_client.get_object(Bucket=bucket, Key=metrics_key)["Body"].read().decode().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [point.step for point in history]
     assert not (tmp_path / "work" / job_id).exists()
 
 
