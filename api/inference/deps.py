@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -49,6 +51,26 @@ class ImageReader:
             # A bucket root, a folder or a missing local file: no single object is named.
             raise ObjectNotFound(uri)
         return store.read_bytes(key, max_bytes=self.settings.limits.max_object_bytes)
+
+    def model_file(self, location: str, folder: Path) -> str:
+        """A local path for a model file: an `s3://` one is downloaded once into `folder`.
+
+        Local paths and `file://` URIs are returned as they are; the routes accept them only in
+        the embedded mode.
+        """
+        if "://" not in location:
+            return location
+        parsed = parse_uri(location)
+        if not isinstance(parsed, S3URI):
+            return str(parsed.path)
+        digest = hashlib.sha256(location.encode()).hexdigest()[:16]
+        target = folder / digest / (parsed.prefix.rsplit("/", 1)[-1] or "model")
+        if not target.is_file():
+            store, key = self.open(location)
+            if not key:
+                raise ObjectNotFound(location)
+            store.download_file(key, target)
+        return str(target)
 
 
 def get_predictor(request: Request) -> Predictor:

@@ -49,13 +49,16 @@ class ServingOptions:
 def _build_predictor(app: FastAPI, options: ServingOptions) -> Predictor:
     settings: Settings = app.state.settings
     store, prefix = app.state.artifacts
+    cache_dir = options.cache_dir or Path(tempfile.gettempdir()) / "must-inference-cache"
+    reader: ImageReader = app.state.image_reader
     cache = ClassifierCache(
         session_factory=app.state.session_factory,
         store=store,
         prefix=prefix,
-        cache_dir=options.cache_dir or Path(tempfile.gettempdir()) / "must-inference-cache",
+        cache_dir=cache_dir,
         device=options.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         max_models=options.max_models,
+        model_file=partial(reader.model_file, folder=cache_dir / "models"),
     )
     return Predictor(
         cache,

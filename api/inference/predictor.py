@@ -91,6 +91,8 @@ class ClassifierCache:
     cache_dir: Path
     device: str | torch.device = "cpu"
     max_models: int = 4
+    # Gives a local path for a zero-shot model file named by URI (downloading an s3:// one once).
+    model_file: Callable[[str], str] | None = None
     _models: OrderedDict[str, ServedModel] = field(default_factory=OrderedDict, init=False)
     # Loads are rare and heavy; one lock keeps two requests from loading the same model twice.
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
@@ -175,11 +177,23 @@ class ClassifierCache:
             shutil.rmtree(staging, ignore_errors=True)
         return target
 
+    def _local_spec(self, spec: ModelSpec) -> ModelSpec:
+        """The spec with remote checkpoint and config files replaced by local copies."""
+        if self.model_file is None:
+            return spec
+        fetch = self.model_file
+        return ModelSpec(
+            arch=spec.arch,
+            pretrained=spec.pretrained,
+            checkpoint=fetch(spec.checkpoint) if spec.checkpoint else None,
+            config=fetch(spec.config) if isinstance(spec.config, str) else spec.config,
+        )
+
     def _load_zero_shot(self, request: ZeroShotRequest, key: str) -> ServedModel:
         try:
             names = validate_class_names(request.class_names)
             templates = validate_templates(request.templates)
-            clip = load_clip(request.spec, self.device)
+            clip = load_clip(self._local_spec(request.spec), self.device)
         except (MustError, OSError) as exc:
             raise InvalidRequest(f"cannot build the zero-shot baseline: {exc}") from exc
         classifier = ImageClassifier.zero_shot(clip, names, templates, device=self.device)

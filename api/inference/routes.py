@@ -103,10 +103,13 @@ def zero_shot_request(fields: ModelFields, *, local_files_allowed: bool = True) 
     spec = _spec(fields)
     if spec is None or not fields.class_names:
         raise InvalidRequest("give adaptation_id, or a model and class_names for the zero-shot baseline")
-    if (spec.checkpoint or spec.config) and not local_files_allowed:
+    local_files = [
+        f for f in (spec.checkpoint, spec.config) if isinstance(f, str) and not f.startswith("s3://")
+    ]
+    if local_files and not local_files_allowed:
         raise InvalidRequest(
-            "zero-shot checkpoint and config files are served only in the embedded mode; "
-            "name an architecture and pretrained tag, or adapt and use adaptation_id"
+            "local zero-shot checkpoint and config files are served only in the embedded mode; "
+            "give s3:// URIs, an architecture and pretrained tag, or adapt and use adaptation_id"
         )
     templates = None
     if fields.templates is not None:
