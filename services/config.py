@@ -116,10 +116,23 @@ class WorkerSettings(BaseModel):
         return self
 
 
+class MetricsSettings(BaseModel):
+    """Prometheus metrics of the worker (the HTTP services serve theirs at `/metrics`)."""
+
+    # Port of the worker's metrics endpoint (prometheus_client's HTTP server, in the process that
+    # runs jobs); 0 turns it off. 9808 is unassigned in Prometheus' default port allocations.
+    # https://github.com/prometheus/prometheus/wiki/Default-port-allocations
+    worker_port: int = Field(default=9808, ge=0, le=65535)
+    worker_host: str = "0.0.0.0"
+
+
 class Settings(BaseSettings):
     """Every setting of the platform's processes, validated at start."""
 
-    model_config = SettingsConfigDict(env_prefix="MUST_", env_nested_delimiter="__", extra="ignore")
+    # env_ignore_empty: an empty MUST_* variable means "not set" (docker-compose passes `${VAR:-}` as "").
+    model_config = SettingsConfigDict(
+        env_prefix="MUST_", env_nested_delimiter="__", extra="ignore", env_ignore_empty=True
+    )
 
     environment: Environment = "embedded"
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
@@ -127,7 +140,11 @@ class Settings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
-    # NoDecode lets MUST_API_KEYS be a plain comma-separated list as well as JSON.
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    # Worker log lines: one JSON object per line (with the job id), or plain text for a terminal.
+    log_format: Literal["json", "text"] = "json"
+    # Keys accepted by both HTTP services (Authorization: Bearer or X-API-Key); required outside
+    # the embedded environment. NoDecode lets MUST_API_KEYS be comma-separated as well as JSON.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
 
     @field_validator("api_keys", mode="before")
@@ -138,6 +155,16 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _keys_outside_embedded(self) -> Self:
+        # Production reports a missing key among its other problems, below.
+        if self.environment == "development" and not self.api_keys:
+            raise ValueError(
+                "api_keys is empty; set MUST_API_KEYS (the services require API keys outside "
+                "the embedded environment)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Self:

@@ -17,7 +17,8 @@ from importlib.metadata import PackageNotFoundError, version
 from fastapi import FastAPI
 from sqlalchemy import Engine
 
-from api.common import health
+from api.common import health, metrics
+from api.common.auth import API_KEY, install_auth
 from api.common.errors import register_exception_handlers
 from api.control.deps import StoreOpener
 from api.control.queue import CeleryJobQueue, JobQueue
@@ -102,6 +103,9 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
     app.state.store_opener = opener
     app.state.readiness_checks = _readiness_checks(settings, engine, opener)
     register_exception_handlers(app)
+    install_auth(app)
+    metrics.install_metrics(app, session_factory=app.state.session_factory)
     app.include_router(health.router)
-    app.include_router(adaptations.router)
+    app.include_router(metrics.router, dependencies=[API_KEY])
+    app.include_router(adaptations.router, dependencies=[API_KEY])
     return app

@@ -18,7 +18,8 @@ import torch
 from fastapi import FastAPI
 from sqlalchemy import Engine
 
-from api.common import health
+from api.common import health, metrics
+from api.common.auth import API_KEY, install_auth
 from api.inference import routes
 from api.inference.deps import ImageReader
 from api.inference.errors import register_inference_errors
@@ -106,6 +107,9 @@ def create_app(
         "artifacts_store": lambda: app.state.artifacts[0].check_access(),
     }
     register_inference_errors(app)
+    install_auth(app)
+    metrics.install_metrics(app)
     app.include_router(health.router)
-    app.include_router(routes.router)
+    app.include_router(metrics.router, dependencies=[API_KEY])
+    app.include_router(routes.router, dependencies=[API_KEY])
     return app

@@ -7,10 +7,11 @@ import json
 from http import HTTPStatus
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from pydantic import BaseModel, Field
 
 from api.common.errors import error_responses
+from api.common.metrics import PredictionSource, record_predictions
 from api.inference.deps import ImageReader, ImageReaderDep, PredictorDep
 from api.inference.predictor import Predictor, ServedModel, ZeroShotRequest
 from services.errors import InvalidRequest
@@ -135,6 +136,10 @@ async def _classify(
     return [[Prediction(**p) for p in row] for row in predictor.encode(served, probs, top_k)]
 
 
+def _source(fields: ModelFields) -> PredictionSource:
+    return "adaptation" if fields.adaptation_id else "zero_shot"
+
+
 def _about(served: ServedModel) -> dict[str, Any]:
     return {
         "adaptation_id": served.adaptation_id,
@@ -145,6 +150,7 @@ def _about(served: ServedModel) -> dict[str, Any]:
 
 @router.get("/predict", response_model=PredictResponse, responses=_ERRORS)
 async def predict_url(
+    request: Request,
     predictor: PredictorDep,
     reader: ImageReaderDep,
     image_url: Annotated[str, Query(min_length=1, description="s3://bucket/key or file:///path")],
@@ -154,11 +160,13 @@ async def predict_url(
     served = await _served(predictor, reader, fields)
     data = await asyncio.to_thread(reader.read, image_url)
     (predictions,) = await _classify(predictor, served, [(image_url, data)], fields.top_k)
+    record_predictions(request, _source(fields), 1)
     return PredictResponse(**_about(served), predictions=predictions)
 
 
 @router.post("/predict", response_model=BatchPredictResponse, responses=_ERRORS, status_code=HTTPStatus.OK)
 async def predict_files(
+    request: Request,
     predictor: PredictorDep,
     reader: ImageReaderDep,
     files: Annotated[list[UploadFile], File(description="One or more images")],
@@ -172,6 +180,7 @@ async def predict_files(
         (upload.filename or f"file-{i}", await upload.read(limit + 1)) for i, upload in enumerate(files)
     ]
     predictions = await _classify(predictor, served, images, fields.top_k)
+    record_predictions(request, _source(fields), len(images))
     results = [
         FileResult(filename=name, predictions=p) for (name, _), p in zip(images, predictions, strict=True)
     ]

@@ -39,7 +39,7 @@ def test_readyz_is_200_when_everything_answers(client: TestClient) -> None:
 def test_readyz_is_503_with_an_unreachable_database(tmp_path: Path) -> None:
     # "development" skips the start-up migration, which would fail on this database first.
     db_url = f"postgresql+psycopg://nobody@127.0.0.1:{_closed_port()}/nothing"
-    settings = make_settings(db_url, tmp_path, environment="development")
+    settings = make_settings(db_url, tmp_path, environment="development", api_keys=["test-key"])
     (tmp_path / "artifacts").mkdir()
 
     with TestClient(create_app(settings, queue=RecordingJobQueue())) as client:

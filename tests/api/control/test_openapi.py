@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
-from api.common import health
+from api.common import health, metrics
 from api.control.routes import adaptations
 
 ENDPOINTS: dict[tuple[str, str], Callable[..., Any]] = {
@@ -19,6 +19,7 @@ ENDPOINTS: dict[tuple[str, str], Callable[..., Any]] = {
     ("get", "/adaptations/{adaptation_id}/metrics"): adaptations.list_adaptation_metrics,
     ("get", "/healthz"): health.healthz,
     ("get", "/readyz"): health.readyz,
+    ("get", "/metrics"): metrics.prometheus_metrics,
 }
 
 

@@ -108,13 +108,16 @@ def test_local_files_are_refused_outside_the_embedded_mode(
 
     stored = tmp_path / "a.png"
     stored.write_bytes(png_bytes(Image.new("RGB", (32, 32))))
-    development = settings.model_copy(update={"environment": "development"})
+    development = settings.model_copy(update={"environment": "development", "api_keys": ["test-key"]})
     assert ImageReader(settings).read(stored.as_uri()) == stored.read_bytes()
     with pytest.raises(InvalidRequest, match="embedded mode"):
         ImageReader(development).read(stored.as_uri())
     with TestClient(create_app(development, options=options)) as client:
         answer = client.post(
-            "/predict", data=zero_shot_fields, files={"files": ("a.png", stored.read_bytes())}
+            "/predict",
+            data=zero_shot_fields,
+            files={"files": ("a.png", stored.read_bytes())},
+            headers={"X-API-Key": "test-key"},
         )
     assert answer.status_code == 422
     assert "checkpoint and config files" in answer.text
