@@ -15,6 +15,9 @@ from celery import Celery
 
 from services.config import Settings, get_settings
 
+# Connects the worker's log and metrics receivers before a worker sets up logging; no torch.
+from worker import signals  # noqa: F401
+
 # The name the worker registers its training task under; the API sends to this name.
 TRAIN_TASK = "must.train"
 # Training runs on the GPU workers' queue; Redis keeps its messages in a list of the same name.

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from services.jobs import repository
 from services.must.trainer import StepMetrics, describe
+from worker.metrics import observe_step
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ def make_progress_reporter(
 
     def on_step(metrics: StepMetrics) -> None:
         nonlocal last_report
+        observe_step(metrics)
         now = clock()
         due = last_report is None or now - last_report >= every_seconds
         if not due and metrics.step < metrics.total_steps:
