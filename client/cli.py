@@ -1,0 +1,323 @@
+"""`must`: submit, watch, list and cancel adaptation jobs, classify images, upload datasets.
+
+    must upload photos/ s3://must-datasets/parts/
+    must adapt s3://must-datasets/parts/ --classes bolt,nut,washer --wait
+    must predict 0b6f3c1e-... photo.jpg s3://must-datasets/parts/img-001.png
+
+The services' addresses and the API key come from options or the environment:
+MUST_API_URL (default http://127.0.0.1:8000), MUST_INFERENCE_URL (default
+http://127.0.0.1:8001) and MUST_API_KEY.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from client.http import (
+    DEFAULT_API_URL,
+    DEFAULT_INFERENCE_URL,
+    ApiError,
+    MustClient,
+    MustClientError,
+    ServiceUnreachable,
+    Unauthorized,
+)
+from client.progress import JobProgressBar, describe_job, job_row
+from client.upload import plan_upload, upload
+from services.jobs.states import JobStatus
+
+EXIT_OK = 0
+EXIT_JOB_FAILED = 1  # the job failed or was cancelled
+EXIT_USAGE = 2  # argparse's own code for bad arguments
+EXIT_REFUSED = 3  # the service answered with an error (4xx/5xx)
+EXIT_UNREACHABLE = 4  # a service could not be reached
+
+EPILOG = """\
+exit status: 0 success, 1 the job failed or was cancelled, 2 bad arguments,
+3 the service refused the request, 4 a service could not be reached."""
+
+
+def _class_names(value: str) -> list[str]:
+    """Comma-separated names, or a file with one name per line."""
+    path = Path(value)
+    if path.is_file():
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def _json_object(value: str) -> dict[str, Any]:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"total_steps\": 2000}'")
+    return parsed
+
+
+def _templates(value: str) -> list[str]:
+    path = Path(value)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"templates file {value!r} does not exist")
+    return [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
+
+
+def _add_adapt(commands: Any) -> None:
+    p = commands.add_parser("adapt", help="submit an adaptation job", epilog=EPILOG)
+    p.add_argument("dataset", help="s3://bucket/prefix/ of unlabeled images")
+    p.add_argument(
+        "--classes", required=True, type=_class_names, help="comma-separated, or a file, one per line"
+    )
+    p.add_argument("--model", help="open_clip architecture, e.g. ViT-B-32 (default: the service's)")
+    p.add_argument("--pretrained", help="open_clip pretrained tag, e.g. openai")
+    p.add_argument("--checkpoint", help="CLIP weights as s3:// URI")
+    p.add_argument("--model-config", help="custom open_clip model config JSON as s3:// URI")
+    p.add_argument(
+        "--templates", type=_templates, help="file of prompt templates, one per line, each with {}"
+    )
+    p.add_argument("--steps", type=int, help="training steps (default: derived from the number of images)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--hparams", type=_json_object, help="other hyperparameters as a JSON object")
+    p.add_argument("--max-images", type=int, help="use at most this many images")
+    p.add_argument("--eval", dest="eval_uri", help="labelled folder-per-class set, only to report accuracy")
+    p.add_argument(
+        "--wait", action="store_true", help="show progress until the job ends; non-zero exit if it fails"
+    )
+    p.add_argument("--poll", type=float, default=2.0, help="seconds between progress checks (default 2)")
+    p.add_argument("--json", action="store_true", help="print the job as JSON")
+    p.set_defaults(run=cmd_adapt)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `must` argument parser and its subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="must", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG
+    )
+    parser.add_argument("--api-url", default=os.environ.get("MUST_API_URL", DEFAULT_API_URL))
+    parser.add_argument(
+        "--inference-url", default=os.environ.get("MUST_INFERENCE_URL", DEFAULT_INFERENCE_URL)
+    )
+    parser.add_argument("--api-key", default=os.environ.get("MUST_API_KEY"), help="default: $MUST_API_KEY")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each answer")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_adapt(commands)
+
+    p = commands.add_parser("status", help="show one job (the newest if no id is given)")
+    p.add_argument("id", nargs="?")
+    p.add_argument("--wait", action="store_true", help="show progress until the job ends")
+    p.add_argument("--poll", type=float, default=2.0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_status)
+
+    p = commands.add_parser("list", help="list jobs, newest first")
+    p.add_argument("--status", choices=[s.value for s in JobStatus])
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_list)
+
+    p = commands.add_parser("cancel", help="cancel a job")
+    p.add_argument("id")
+    p.set_defaults(run=cmd_cancel)
+
+    p = commands.add_parser("predict", help="classify images with an adapted classifier")
+    p.add_argument("id", help="a succeeded adaptation's id")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="local files or s3:// URIs")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_predict)
+
+    p = commands.add_parser("upload", help="copy a folder's images to s3://bucket/prefix/")
+    p.add_argument("folder", type=Path)
+    p.add_argument("uri", help="s3://bucket/prefix/")
+    p.add_argument("--endpoint-url", default=None, help="S3 server, e.g. http://localhost:9000 for MinIO")
+    p.add_argument("--workers", type=int, default=8)
+    p.set_defaults(run=cmd_upload)
+    return parser
+
+
+def _model(args: argparse.Namespace) -> dict[str, str] | None:
+    fields = {"arch": args.model, "pretrained": args.pretrained}
+    fields |= {"checkpoint": args.checkpoint, "config": args.model_config}
+    chosen = {key: value for key, value in fields.items() if value}
+    return chosen or None
+
+
+def _hparams(args: argparse.Namespace) -> dict[str, Any] | None:
+    hparams = dict(args.hparams or {})
+    if args.steps is not None:
+        hparams["total_steps"] = args.steps
+    if args.batch_size is not None:
+        hparams["batch_size"] = args.batch_size
+    return hparams or None
+
+
+def _watch(must: MustClient, job_id: str, poll: float, as_json: bool) -> int:
+    """Follow the job with a progress bar until it ends; the exit status its outcome deserves."""
+    with JobProgressBar(enabled=not as_json) as bar:
+        job = must.wait(job_id, poll_seconds=poll, on_update=bar.update)
+    print(job.model_dump_json(indent=2) if as_json else describe_job(job))
+    return EXIT_OK if job.status == JobStatus.SUCCEEDED else EXIT_JOB_FAILED
+
+
+def cmd_adapt(must: MustClient, args: argparse.Namespace) -> int:
+    """Submit the job; with --wait, follow it to the end."""
+    job = must.adapt(
+        args.dataset,
+        args.classes,
+        model=_model(args),
+        templates=args.templates,
+        hparams=_hparams(args),
+        max_images=args.max_images,
+        eval_uri=args.eval_uri,
+    )
+    if args.wait:
+        print(f"submitted adaptation {job.id}", file=sys.stderr)
+        return _watch(must, job.id, args.poll, args.json)
+    print(job.model_dump_json(indent=2) if args.json else job.id)
+    return EXIT_OK
+
+
+def cmd_status(must: MustClient, args: argparse.Namespace) -> int:
+    """Describe one job; without an id, the newest."""
+    job_id = args.id
+    if job_id is None:
+        page = must.list_adaptations(limit=1)
+        if not page.items:
+            print("no adaptation jobs yet", file=sys.stderr)
+            return EXIT_OK
+        job_id = page.items[0].id
+    if args.wait:
+        return _watch(must, job_id, args.poll, args.json)
+    job = must.get(job_id)
+    print(job.model_dump_json(indent=2) if args.json else describe_job(job))
+    return EXIT_OK
+
+
+def cmd_list(must: MustClient, args: argparse.Namespace) -> int:
+    """A table of jobs, newest first."""
+    page = must.list_adaptations(status=args.status, limit=args.limit)
+    if args.json:
+        print(page.model_dump_json(indent=2))
+        return EXIT_OK
+    rows = [("ID", "STATUS", "PHASE", "PROGRESS", "CREATED")] + [job_row(job) for job in page.items]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    if page.total > len(page.items):
+        print(f"({len(page.items)} of {page.total}; --limit shows more)", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_cancel(must: MustClient, args: argparse.Namespace) -> int:
+    """Ask the job to stop."""
+    job = must.cancel(args.id)
+    state = (
+        "cancelled" if job.status == JobStatus.CANCELLED else "cancel requested; it stops at its next step"
+    )
+    print(f"{job.id}: {state}")
+    return EXIT_OK
+
+
+def _format_predictions(name: str, predictions: list[dict[str, Any]]) -> str:
+    labels = ", ".join(f"{p['label']} {p['probability']:.3f}" for p in predictions)
+    return f"{name}: {labels}"
+
+
+def cmd_predict(must: MustClient, args: argparse.Namespace) -> int:
+    """Classify local files (one upload) and s3:// images (one request each), in the order given."""
+    local = [image for image in args.images if not image.startswith("s3://")]
+    missing = [path for path in local if not Path(path).is_file()]
+    if missing:
+        raise MustClientError(f"no such file: {', '.join(missing)}")
+    uploaded = iter(must.predict_files(args.id, local, top_k=args.top_k)) if local else iter(())
+    results = []
+    for image in args.images:
+        if image.startswith("s3://"):
+            answer = must.predict_url(args.id, image, top_k=args.top_k)
+            results.append({"image": image, "predictions": answer["predictions"]})
+        else:
+            results.append({"image": image, "predictions": next(uploaded)["predictions"]})
+    for result in results:
+        print(
+            json.dumps(result) if args.json else _format_predictions(result["image"], result["predictions"])
+        )
+    return EXIT_OK
+
+
+def cmd_upload(_: MustClient, args: argparse.Namespace) -> int:
+    """Copy the folder's images into the bucket, keeping their relative paths under the prefix."""
+    import boto3  # only this command needs it
+
+    try:
+        plan = plan_upload(args.folder, args.uri)
+    except ValueError as exc:
+        raise MustClientError(str(exc)) from None
+    if not plan.items:
+        raise MustClientError(f"no image files under {str(args.folder)!r}")
+    s3 = boto3.client("s3", endpoint_url=args.endpoint_url)
+    from tqdm import tqdm
+
+    with tqdm(total=len(plan.items), unit="file", desc="upload", file=sys.stderr) as bar:
+        count = upload(plan, s3, workers=args.workers, on_done=lambda _: bar.update())
+    skipped = f" ({plan.skipped} non-image files left out)" if plan.skipped else ""
+    print(f"uploaded {count} images to {args.uri}{skipped}")
+    return EXIT_OK
+
+
+def _hint(exc: MustClientError, args: argparse.Namespace) -> str:
+    """What to try next, for the errors people hit first."""
+    if isinstance(exc, ServiceUnreachable):
+        option = (
+            "--api-url / MUST_API_URL"
+            if exc.url == args.api_url.rstrip("/")
+            else "--inference-url / MUST_INFERENCE_URL"
+        )
+        return f"is it running? set {option} to its address"
+    if isinstance(exc, Unauthorized):
+        return "set --api-key or MUST_API_KEY to one of the service's MUST_API_KEYS"
+    return ""
+
+
+def _exit_status(exc: Exception) -> int:
+    if isinstance(exc, ServiceUnreachable):
+        return EXIT_UNREACHABLE
+    return EXIT_REFUSED if isinstance(exc, ApiError) else EXIT_USAGE
+
+
+def _s3_errors() -> tuple[type[Exception], ...]:
+    """boto3's errors, when boto3 is installed (only `upload` uses it)."""
+    try:
+        from boto3.exceptions import Boto3Error
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return ()
+    return (BotoCoreError, ClientError, Boto3Error)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `must` command."""
+    args = build_parser().parse_args(argv)
+    run: Callable[[MustClient, argparse.Namespace], int] = args.run
+    try:
+        with MustClient(args.api_url, args.inference_url, api_key=args.api_key, timeout=args.timeout) as must:
+            return run(must, args)
+    except MustClientError as exc:
+        hint = _hint(exc, args)
+        print(f"must: error: {exc}" + (f"\n  ({hint})" if hint else ""), file=sys.stderr)
+        return _exit_status(exc)
+    except _s3_errors() as exc:
+        print(f"must: error: S3 refused the upload: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        print("\nmust: stopped watching; the job goes on (see `must status`)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

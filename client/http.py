@@ -1,0 +1,283 @@
+"""A small Python client for the control API and the inference service (httpx, no torch).
+
+    from client.http import MustClient
+
+    with MustClient("http://localhost:8000", "http://localhost:8001", api_key="...") as must:
+        job = must.adapt("s3://my-images/unlabeled/", ["cat", "dog"])
+        job = must.wait(job.id)
+        print(must.predict_files(job.id, ["photo.jpg"]))
+
+Failures raise typed errors: `ServiceUnreachable` when a service cannot be reached, and an
+`ApiError` subclass (`Unauthorized`, `NotFound`, `Conflict`, `RequestRejected`, `ServerError`)
+carrying the service's own explanation when it answers with an error status.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+
+from services.jobs.states import TERMINAL_STATUSES
+from services.schemas.jobs import AdaptationPublic, AdaptationsPage, MetricsPage
+
+DEFAULT_API_URL = "http://127.0.0.1:8000"
+DEFAULT_INFERENCE_URL = "http://127.0.0.1:8001"
+CONTROL = "control API"
+INFERENCE = "inference service"
+# Files sent per POST /predict: enough to fill the service's micro-batches, small enough to stream.
+UPLOAD_BATCH = 32
+
+
+class MustClientError(Exception):
+    """Base class of every error this client raises; `str()` is a message for people."""
+
+
+class ServiceUnreachable(MustClientError):
+    """The service did not answer: wrong URL, not started, or a network problem."""
+
+    def __init__(self, service: str, url: str, reason: str) -> None:
+        super().__init__(f"cannot reach the {service} at {url}: {reason}")
+        self.service, self.url, self.reason = service, url, reason
+
+
+class ApiError(MustClientError):
+    """The service answered with an error status; `detail` is its explanation."""
+
+    def __init__(self, service: str, status: int, detail: str, error: str | None = None) -> None:
+        super().__init__(f"the {service} answered {status}: {detail}")
+        self.service, self.status, self.detail, self.error = service, status, detail, error
+
+
+class Unauthorized(ApiError):
+    """401: no API key, or one the service does not accept."""
+
+
+class NotFound(ApiError):
+    """404: no such adaptation, image or route."""
+
+
+class Conflict(ApiError):
+    """409: the job's state does not allow it (cancel a finished job, predict with an unfinished one)."""
+
+
+class RequestRejected(ApiError):
+    """400, 413, 415 or 422: the request itself must change."""
+
+
+class ServerError(ApiError):
+    """5xx: the service or something it depends on failed; retrying later may help."""
+
+
+def _error_class(status: int) -> type[ApiError]:
+    if status == 401:
+        return Unauthorized
+    if status == 404:
+        return NotFound
+    if status == 409:
+        return Conflict
+    if status >= 500:
+        return ServerError
+    return RequestRejected
+
+
+def _detail(response: httpx.Response) -> tuple[str, str | None]:
+    """The service's explanation: `detail` (a string, or a list of field errors), else the raw text."""
+    try:
+        body = response.json()
+    except ValueError:
+        return (response.text.strip()[:500] or response.reason_phrase), None
+    if not isinstance(body, dict):
+        return str(body)[:500], None
+    detail = body.get("detail", body)
+    if isinstance(detail, list):
+        parts = [
+            f"{item.get('field', '?')}: {item.get('msg', item)}" for item in detail if isinstance(item, dict)
+        ]
+        detail = "; ".join(parts) or str(detail)
+    return str(detail), body.get("error")
+
+
+def check(service: str, response: httpx.Response) -> httpx.Response:
+    """`response` if it succeeded, else the typed ApiError for its status."""
+    if response.is_success:
+        return response
+    detail, error = _detail(response)
+    raise _error_class(response.status_code)(service, response.status_code, detail, error)
+
+
+class _Service:
+    """One service's base URL and HTTP client; turns transport failures into ServiceUnreachable."""
+
+    def __init__(self, name: str, url: str, headers: dict[str, str], timeout: float, **kwargs: Any) -> None:
+        self.name, self.url = name, url.rstrip("/")
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, **kwargs)
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise ServiceUnreachable(
+                self.name, self.url, f"no answer in time ({type(exc).__name__})"
+            ) from exc
+        except httpx.TransportError as exc:
+            raise ServiceUnreachable(self.name, self.url, str(exc) or type(exc).__name__) from exc
+        return check(self.name, response)
+
+
+class MustClient:
+    """Both services of one deployment, with one API key."""
+
+    def __init__(
+        self,
+        api_url: str = DEFAULT_API_URL,
+        inference_url: str = DEFAULT_INFERENCE_URL,
+        *,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        **httpx_options: Any,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.control = _Service(CONTROL, api_url, headers, timeout, **httpx_options)
+        self.inference = _Service(INFERENCE, inference_url, headers, timeout, **httpx_options)
+
+    def close(self) -> None:
+        """Close both connection pools."""
+        self.control.http.close()
+        self.inference.http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- the control API -------------------------------------------------------------------------
+
+    def submit(self, request: dict[str, Any], *, idempotency_key: str | None = None) -> AdaptationPublic:
+        """POST /adaptations with a full request body; the same `idempotency_key` never makes two jobs."""
+        headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
+        response = self.control.request("POST", "/adaptations", json=request, headers=headers)
+        return AdaptationPublic.model_validate(response.json())
+
+    def adapt(
+        self,
+        dataset_uri: str,
+        class_names: Sequence[str],
+        *,
+        model: dict[str, str] | None = None,
+        templates: Sequence[str] | None = None,
+        hparams: dict[str, Any] | None = None,
+        max_images: int | None = None,
+        eval_uri: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> AdaptationPublic:
+        """Submit an adaptation of `model` (the service's default if None) to the images at `dataset_uri`."""
+        dataset: dict[str, Any] = {"uri": dataset_uri}
+        if max_images is not None:
+            dataset["max_images"] = max_images
+        optional = {"model": model, "templates": templates, "hparams": hparams}
+        request: dict[str, Any] = {"class_names": list(class_names), "dataset": dataset}
+        request |= {key: value for key, value in optional.items() if value is not None}
+        if eval_uri is not None:
+            request["eval"] = {"uri": eval_uri}
+        return self.submit(request, idempotency_key=idempotency_key)
+
+    def get(self, adaptation_id: str) -> AdaptationPublic:
+        """GET /adaptations/{id}."""
+        response = self.control.request("GET", f"/adaptations/{adaptation_id}")
+        return AdaptationPublic.model_validate(response.json())
+
+    def list_adaptations(
+        self, *, status: str | None = None, limit: int = 50, offset: int = 0
+    ) -> AdaptationsPage:
+        """GET /adaptations, newest first."""
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if status:
+            params["status"] = status
+        response = self.control.request("GET", "/adaptations", params=params)
+        return AdaptationsPage.model_validate(response.json())
+
+    def cancel(self, adaptation_id: str) -> AdaptationPublic:
+        """POST /adaptations/{id}/cancel."""
+        response = self.control.request("POST", f"/adaptations/{adaptation_id}/cancel")
+        return AdaptationPublic.model_validate(response.json())
+
+    def metrics(self, adaptation_id: str) -> MetricsPage:
+        """GET /adaptations/{id}/metrics: the job's metric history."""
+        response = self.control.request("GET", f"/adaptations/{adaptation_id}/metrics")
+        return MetricsPage.model_validate(response.json())
+
+    def wait(
+        self,
+        adaptation_id: str,
+        *,
+        poll_seconds: float = 2.0,
+        timeout: float | None = None,
+        on_update: Callable[[AdaptationPublic], None] | None = None,
+    ) -> AdaptationPublic:
+        """Poll the job until it succeeded, failed or was cancelled; TimeoutError after `timeout` s."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.get(adaptation_id)
+            if on_update is not None:
+                on_update(job)
+            if job.status in TERMINAL_STATUSES:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"adaptation {adaptation_id} is still {job.status.value} after {timeout} s"
+                )
+            time.sleep(poll_seconds)
+
+    # -- the inference service -------------------------------------------------------------------
+
+    def predict_url(self, adaptation_id: str, image_url: str, *, top_k: int = 5) -> dict[str, Any]:
+        """GET /predict: classify one stored image (s3://...) with an adapted classifier."""
+        params = {"adaptation_id": adaptation_id, "image_url": image_url, "top_k": top_k}
+        response = self.inference.request("GET", "/predict", params=params)
+        result: dict[str, Any] = response.json()
+        return result
+
+    def predict_files(
+        self, adaptation_id: str, files: Iterable[Path | str | tuple[str, bytes]], *, top_k: int = 5
+    ) -> list[dict[str, Any]]:
+        """POST /predict: classify local files (paths, or (name, bytes) pairs), in order, in batches."""
+        results: list[dict[str, Any]] = []
+        batch: list[tuple[str, bytes]] = []
+        for item in files:
+            batch.append(item if isinstance(item, tuple) else (Path(item).name, Path(item).read_bytes()))
+            if len(batch) == UPLOAD_BATCH:
+                results += self._predict_batch(adaptation_id, batch, top_k)
+                batch = []
+        if batch:
+            results += self._predict_batch(adaptation_id, batch, top_k)
+        return results
+
+    def _predict_batch(
+        self, adaptation_id: str, batch: list[tuple[str, bytes]], top_k: int
+    ) -> list[dict[str, Any]]:
+        uploads = [("files", (name, data)) for name, data in batch]
+        data = {"adaptation_id": adaptation_id, "top_k": str(top_k)}
+        response = self.inference.request("POST", "/predict", data=data, files=uploads)
+        results: list[dict[str, Any]] = response.json()["results"]
+        return results
+
+    # -- both ------------------------------------------------------------------------------------
+
+    def ready(self) -> dict[str, dict[str, Any]]:
+        """GET /readyz of both services: {"control API": {...}, "inference service": {...}}."""
+        answers = {}
+        for service in (self.control, self.inference):
+            try:
+                answers[service.name] = service.request("GET", "/readyz").json()
+            except ServerError as exc:  # 503 still carries which component is down
+                answers[service.name] = {"status": "unavailable", "detail": exc.detail}
+        return answers

@@ -1,0 +1,110 @@
+"""How `must` shows jobs: a live progress bar while one runs, and plain-text summaries."""
+
+from __future__ import annotations
+
+import sys
+from types import TracebackType
+from typing import Any, Self
+
+from tqdm import tqdm
+
+from services.schemas.jobs import AdaptationPublic
+
+# The label-free metric the bar shows: the share of images whose pseudo-label clears the threshold.
+CONFIDENT = "confident_fraction"
+
+
+def format_seconds(seconds: float | None) -> str:
+    """`1:02:03` for 3723 s; `?` when unknown."""
+    if seconds is None:
+        return "?"
+    total = max(0, round(seconds))
+    hours, rest = divmod(total, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def progress_text(job: AdaptationPublic) -> str:
+    """`500/2000 steps (25%), 210.5 img/s, ETA 0:23:45`, as far as the job has got."""
+    progress = job.progress
+    if not progress.total_steps:
+        return "-"
+    parts = [f"{progress.step}/{progress.total_steps} steps ({progress.step / progress.total_steps:.0%})"]
+    if progress.images_per_sec is not None:
+        parts.append(f"{progress.images_per_sec:.1f} img/s")
+    if progress.eta_seconds is not None and job.status == "running":
+        parts.append(f"ETA {format_seconds(progress.eta_seconds)}")
+    return ", ".join(parts)
+
+
+def _metrics_text(metrics: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(metrics.items())
+    )
+
+
+def describe_job(job: AdaptationPublic) -> str:
+    """A few aligned lines: id, status, progress, latest metrics, images, artifact, error."""
+    status = job.status.value + (f" ({job.phase.value})" if job.phase and job.status == "running" else "")
+    if job.cancel_requested and job.status == "running":
+        status += ", cancel requested"
+    lines = [("id", job.id), ("status", status), ("progress", progress_text(job))]
+    if job.latest_metrics:
+        lines.append(("metrics", _metrics_text(job.latest_metrics)))
+    if job.images_used or job.images_skipped:
+        reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(job.skipped_reasons.items()))
+        skipped = f", {job.images_skipped} skipped" + (f" ({reasons})" if reasons else "")
+        lines.append(("images", f"{job.images_used} used{skipped if job.images_skipped else ''}"))
+    if job.artifact:
+        lines.append(("artifact", job.artifact.uri))
+    if job.error:
+        lines.append(("error", f"{job.error.type}: {job.error.message}"))
+    return "\n".join(f"{name:<9} {value}" for name, value in lines)
+
+
+def job_row(job: AdaptationPublic) -> tuple[str, str, str, str, str]:
+    """One line of `must list`."""
+    phase = job.phase.value if job.phase and job.status == "running" else "-"
+    progress = job.progress
+    steps = f"{progress.step}/{progress.total_steps}" if progress.total_steps else "-"
+    created = job.created_at.strftime("%Y-%m-%d %H:%M:%S")
+    return job.id, job.status.value, phase, steps, created
+
+
+class JobProgressBar:
+    """A tqdm bar on stderr fed with each polled job: phase, step/total, images/s, ETA, confident share."""
+
+    def __init__(self, *, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._bar: tqdm[Any] | None = None
+
+    def __enter__(self) -> Self:
+        if self.enabled:
+            self._bar = tqdm(total=None, unit="step", file=sys.stderr, dynamic_ncols=True, desc="queued")
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def update(self, job: AdaptationPublic) -> None:
+        """Show where `job` is now (the service measures rate and ETA; the bar only displays them)."""
+        bar = self._bar
+        if bar is None:
+            return
+        progress = job.progress
+        if progress.total_steps and bar.total != progress.total_steps:
+            bar.reset(total=progress.total_steps)
+        bar.n = progress.step
+        bar.set_description(job.phase.value if job.phase and job.status == "running" else job.status.value)
+        postfix = []
+        if progress.images_per_sec is not None:
+            postfix.append(f"{progress.images_per_sec:.1f} img/s")
+        if progress.eta_seconds is not None and job.status == "running":
+            postfix.append(f"ETA {format_seconds(progress.eta_seconds)}")
+        confident = (job.latest_metrics or {}).get(CONFIDENT)
+        if isinstance(confident, int | float):
+            postfix.append(f"confident {confident:.0%}")
+        bar.set_postfix_str(", ".join(postfix), refresh=False)
+        bar.refresh()
