@@ -109,10 +109,10 @@ class Platform:
     def inference_url(self) -> str:
         return f"http://{self.host}:{self.inference_port}"
 
-    def _spawn(self, name: str, command: list[str]) -> Child:
+    def _spawn(self, name: str, command: list[str], extra_env: Mapping[str, str] | None = None) -> Child:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
-        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **self.env, **(extra_env or {}), "PYTHONUNBUFFERED": "1"}
         with log_path.open("ab") as log:
             proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         child = Child(name, proc, log_path)
@@ -149,11 +149,14 @@ class Platform:
         child = self._spawn("inference", uvicorn_command(INFERENCE_APP, self.host, self.inference_port))
         self._wait_http(child, f"{self.inference_url}/readyz")
 
-    def start_worker(self) -> Child:
-        """Start one more worker process (named worker-1, worker-2, ...) and wait until it consumes."""
+    def start_worker(self, extra_env: Mapping[str, str] | None = None) -> Child:
+        """Start one more worker process (worker-1, worker-2, ...) and wait until it consumes.
+
+        `extra_env` adds to or overrides the platform's environment for this worker only.
+        """
         self._workers_started += 1
         name = f"worker-{self._workers_started}"
-        child = self._spawn(name, worker_command(f"{name}@%h"))
+        child = self._spawn(name, worker_command(f"{name}@%h"), extra_env)
         self._wait_log(child, WORKER_READY)
         return child
 

@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,22 +31,31 @@ def _pg_admin_connect() -> Any:
         pytest.skip(f"PostgreSQL is unreachable at {PG_ADMIN_URL} ({exc}); set MUST_TEST_PG_ADMIN_URL")
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A SQLAlchemy URL of a fresh, uniquely named PostgreSQL database, dropped after the test."""
+@contextmanager
+def _pg_database() -> Iterator[str]:
+    """A SQLAlchemy URL of a fresh, uniquely named PostgreSQL database, dropped afterwards."""
     from sqlalchemy.engine import make_url
 
     name = f"must_test_{uuid.uuid4().hex[:12]}"
     with _pg_admin_connect() as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    yield (
-        make_url(PG_ADMIN_URL)
-        .set(drivername="postgresql+psycopg", database=name)
-        .render_as_string(hide_password=False)
-    )
-    with _pg_admin_connect() as conn:
-        # FORCE ends connections a test forgot to close (PostgreSQL >= 13).
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        yield (
+            make_url(PG_ADMIN_URL)
+            .set(drivername="postgresql+psycopg", database=name)
+            .render_as_string(hide_password=False)
+        )
+    finally:
+        with _pg_admin_connect() as conn:
+            # FORCE ends connections a test forgot to close (PostgreSQL >= 13).
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test."""
+    with _pg_database() as url:
+        yield url
 
 
 @pytest.fixture
@@ -123,3 +133,30 @@ def bucket(s3_client: Any) -> Iterator[str]:
         if objects:
             s3_client.delete_objects(Bucket=name, Delete={"Objects": objects, "Quiet": True})
     s3_client.delete_bucket(Bucket=name)
+
+
+@pytest.fixture(scope="session")
+def stack(moto_s3: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The whole platform (control API, inference, a worker process) on PostgreSQL, Redis and moto S3.
+
+    One per test session: starting it costs seconds, and tests use their own prefixes and jobs.
+    """
+    import redis
+
+    from services.config import StorageSettings
+    from services.storage.s3 import make_s3_client
+    from tests.stack import BROKER_URL, running_stack
+
+    try:
+        redis.Redis.from_url(BROKER_URL, socket_connect_timeout=2).ping()
+    except redis.ConnectionError as exc:
+        pytest.skip(f"Redis is unreachable at {BROKER_URL}: {exc}")
+    s3 = make_s3_client(StorageSettings(artifacts_uri="s3://must-artifacts", s3_endpoint_url=moto_s3))
+    root = tmp_path_factory.mktemp("stack")
+    with (
+        _pg_database() as db_url,
+        running_stack(
+            db_url=db_url, s3_endpoint=moto_s3, s3=s3, log_dir=root / "logs", work_dir=root / "work"
+        ) as running,
+    ):
+        yield running
