@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test test-fast bench pretrain lint format clean
+.PHONY: setup demo test test-fast bench pretrain lint format clean compose-check
 
 # torch and torchvision are installed first, pinned, so that pip takes the releases this
 # project is tested with instead of resolving (and downloading) another build.
@@ -41,6 +41,17 @@ lint: setup
 format: setup
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
+
+# Every compose file as docker-compose reads it (`apt-get install docker-compose`; no engine needed).
+# The override and the worker-node file are checked on top of what they need.
+COMPOSE_CONFIG := docker-compose --env-file .env.example
+compose-check:
+	$(COMPOSE_CONFIG) -f docker-compose.yml config -q
+	@echo "docker-compose config -q: docker-compose.yml OK"
+	$(COMPOSE_CONFIG) -f docker-compose.yml -f docker-compose.cpu.yml config -q
+	@echo "docker-compose config -q: docker-compose.yml + docker-compose.cpu.yml OK"
+	MAIN_HOST=10.0.0.5 $(COMPOSE_CONFIG) -f deploy/compose/worker-node.yml config -q
+	@echo "docker-compose config -q: deploy/compose/worker-node.yml OK"
 
 clean:
 	rm -rf .demo runs .pytest_cache .ruff_cache
