@@ -13,7 +13,14 @@ import logging
 import time
 from typing import Any
 
-from celery.signals import celeryd_init, setup_logging, task_postrun, task_prerun, worker_process_init
+from celery.signals import (
+    celeryd_init,
+    setup_logging,
+    task_postrun,
+    task_prerun,
+    task_received,
+    worker_process_init,
+)
 from sqlalchemy.exc import SQLAlchemyError
 
 from services.config import get_settings
@@ -60,6 +67,14 @@ def _configure_logging_early(options: dict[str, Any] | None = None, **_: Any) ->
 def _configure_logging(loglevel: int | str | None = None, **_: Any) -> None:
     """Replace Celery's log setup (a connected receiver makes Celery skip its own) with ours."""
     configure_logging(loglevel or logging.INFO, get_settings().log_format)
+
+
+@task_received.connect
+def _job_received(request: Any = None, **_: Any) -> None:
+    """In the consuming process: note which job a message carries, before a pool process runs it."""
+    job_id = job_id_of(getattr(request, "kwargs", None))
+    if job_id is not None:
+        log.info("job received (task %s)", getattr(request, "id", "?"), extra={"job_id": job_id})
 
 
 @worker_process_init.connect

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -23,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from services.config import Settings
 from services.jobs import repository
 from services.jobs.states import TERMINAL_STATUSES, JobStatus
-from services.launcher import REPO_ROOT, free_port, worker_command
+from services.launcher import REPO_ROOT, free_port
 from services.must.trainer import StepMetrics
 from tests.worker.conftest import create_job, tiny_request
 from worker import metrics
@@ -34,6 +35,11 @@ from worker.signals import job_id_of
 # A Redis database of its own (API tests 15, worker tests 14, the e2e stack 13).
 BROKER_URL = "redis://127.0.0.1:6379/11"
 STEPS = 2
+# The worker command of docker-compose.yml: the prefork pool, whose child process runs the job.
+WORKER_COMMAND = [
+    sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+    "-Q", "gpu", "--concurrency", "1", "--loglevel", "INFO", "--hostname", "observed@%h",
+]  # fmt: skip
 
 
 @pytest.fixture
@@ -169,7 +175,7 @@ def worker(
     stderr_path = tmp_path / "worker.stderr"
     with stderr_path.open("wb") as stderr:
         proc = subprocess.Popen(
-            worker_command("observed@%h"), cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr
+            WORKER_COMMAND, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr
         )
     handle = WorkerProcess(
         proc, stderr_path, f"http://127.0.0.1:{worker_settings.metrics.worker_port}/metrics"
@@ -230,10 +236,10 @@ def test_a_job_run_by_a_worker_process_is_logged_and_measured(
     samples = _scrape(worker.metrics_url)
 
     lines = [json.loads(line) for line in worker.stderr_lines()]  # every stderr line is one JSON object
-    started = next(i for i, line in enumerate(lines) if line["message"].startswith("job attempt started"))
+    started = next(i for i, line in enumerate(lines) if line["message"].startswith("job received"))
     ended = next(i for i, line in enumerate(lines) if line["message"].startswith("job attempt ended"))
     during = lines[started : ended + 1]
-    assert len(during) >= 4  # start, phases (listing, scoring, training, exporting), success, end
+    assert len(during) >= 6  # received, started, phases (listing ... exporting), success, end
     assert {line["job_id"] for line in during} == {job_id}
     assert any(line["logger"] == "worker.pipeline" and "succeeded" in line["message"] for line in during)
     assert any(line["logger"].startswith("celery") for line in lines)  # Celery's own lines are JSON too
