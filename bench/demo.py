@@ -1,73 +1,134 @@
-"""`make demo`: adapt the tiny CLIP to unlabeled target-domain images, then predict.
+"""`make demo`: the whole platform on this machine, used over HTTP as a user would.
 
-Generates the demo data set (seeded, so every run sees the same images) under `.demo/`, runs the
-engine exactly as `must-adapt` does, and prints the zero-shot and adapted top-1 on held-out
-labelled images plus one example prediction.
+Starts the control API, a worker and the inference service on the embedded default (a SQLite
+file, the `filesystem://` broker and a local-folder object store, all under `.demo/`), puts the
+bundled target-domain images (seeded, so every run sees the same ones) in the store, submits an
+adaptation of the tiny CLIP and shows its progress, then scores held-out labelled images
+through `/predict`: the zero-shot baseline, then the adapted classifier.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import shutil
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-import torch
+from PIL import Image
 
 from bench.shapes import CLASS_NAMES, iter_domain, write_folder
-from bench.tiny_clip import TINY_CLIP_SPEC
-from services.must.adapt import adapt, prepare
-from services.must.cli import ProgressBar
-from services.must.config import MustConfig
-from services.must.evaluation import top1
-from services.must.export import load_classifier
-from services.must.trainer import TrainerHooks
+from bench.tiny_clip import CHECKPOINT_PATH, CONFIG_PATH
+from client.http import MustClient
+from client.progress import JobProgressBar
+from services.launcher import Platform
 
 DEMO_DIR = Path(".demo")
+TEMPLATES = ["a photo of a {}."]
+# The bench's schedule for the tiny CLIP at 32 px: mild strong views (see bench/adaptation.py).
+HPARAMS: dict[str, Any] = {
+    "batch_size": 64,
+    "lr": 1e-4,
+    "strong_crop_min": 0.7,
+    "rand_augment": "rand-n2-m5-mstd0.5-inc1",
+    "seed": 0,
+}
+BATCH = 100
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--steps", type=int, default=200)
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    shutil.rmtree(DEMO_DIR, ignore_errors=True)
-    images = DEMO_DIR / "unlabeled"
-    print(f"writing {args.images} unlabeled target-domain images to {images}/ ...")
-    write_folder("target", args.images, seed=7, out=images)
+def embedded_env(root: Path) -> dict[str, str]:
+    """Settings of the embedded default, with every file under `root`."""
+    root = root.resolve()
+    return {
+        "MUST_ENVIRONMENT": "embedded",
+        "MUST_DATABASE__URL": f"sqlite:///{root / 'must.db'}",
+        "MUST_BROKER__URL": "filesystem://",
+        "MUST_BROKER__FILESYSTEM_FOLDER": str(root / "broker"),
+        "MUST_STORAGE__ARTIFACTS_URI": (root / "store" / "artifacts").as_uri(),
+    }
 
-    zero_shot = prepare(TINY_CLIP_SPEC, CLASS_NAMES).classifier()
-    held_out, labels = zip(*iter_domain("target", 500, seed=1002), strict=True)
-    pixels, labels_t = zero_shot.preprocess(list(held_out)), torch.tensor(labels)
-    before = top1(zero_shot, pixels, labels_t)
 
-    print(f"adapting the tiny CLIP with MUST ({args.steps} steps) ...")
-    bar = ProgressBar(quiet=False)
-    start = time.perf_counter()
-    result = adapt(
-        images,
-        CLASS_NAMES,
-        out_dir=DEMO_DIR / "run",
-        model=TINY_CLIP_SPEC,
-        config=MustConfig(
-            total_steps=args.steps,
-            batch_size=64,
-            lr=1e-4,
-            strong_crop_min=0.7,
-            rand_augment="rand-n2-m5-mstd0.5-inc1",
-        ),
-        hooks=TrainerHooks(bar),
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def score(client: MustClient, fields: dict[str, str], images: Sequence[tuple[bytes, int]]) -> float:
+    """Top-1 (%) of POST /predict with `fields` (an adaptation or a zero-shot model) on labelled images."""
+    correct = 0
+    for start in range(0, len(images), BATCH):
+        batch = images[start : start + BATCH]
+        files = [("files", (f"{start + i}.png", data, "image/png")) for i, (data, _) in enumerate(batch)]
+        answer = client.inference.request("POST", "/predict", data=fields | {"top_k": "1"}, files=files)
+        for result, (_, label) in zip(answer.json()["results"], batch, strict=True):
+            correct += result["predictions"][0]["label"] == CLASS_NAMES[label]
+    return 100.0 * correct / len(images)
+
+
+def run(platform: Platform, dataset_uri: str, args: argparse.Namespace) -> float:
+    """Adapt, wait, score; return the adapted top-1."""
+    model = {"config": str(CONFIG_PATH.resolve()), "checkpoint": str(CHECKPOINT_PATH.resolve())}
+    held_out = [(_png(image), label) for image, label in iter_domain("target", args.test_images, seed=1002)]
+    with MustClient(platform.control_url, platform.inference_url, timeout=120) as client:
+        zero_shot_fields = {"model": json.dumps(model), "class_names": ",".join(CLASS_NAMES)}
+        zero_shot = score(client, zero_shot_fields | {"templates": json.dumps(TEMPLATES)}, held_out)
+        print(f"zero-shot target top-1 on {len(held_out)} held-out images: {zero_shot:.1f}%")
+
+        job = client.adapt(
+            dataset_uri,
+            CLASS_NAMES,
+            model=model,
+            templates=TEMPLATES,
+            hparams=HPARAMS | {"total_steps": args.steps},
+        )
+        print(f"submitted adaptation {job.id}: {args.steps} steps of MUST on {args.images} unlabeled images")
+        started = time.perf_counter()
+        with JobProgressBar() as bar:
+            job = client.wait(job.id, poll_seconds=1.0, on_update=bar.update)
+        if job.status != "succeeded":
+            error = f"{job.error.type}: {job.error.message}" if job.error else job.status.value
+            raise SystemExit(f"the adaptation did not succeed: {error}; logs in {platform.log_dir}/")
+        print(
+            f"adaptation succeeded in {time.perf_counter() - started:.0f} s; classifier at {job.artifact.uri}"
+        )
+
+        adapted = score(client, {"adaptation_id": job.id}, held_out)
+        count = len(held_out)
+        print(f"target top-1 on {count} held-out images: zero-shot {zero_shot:.1f}% -> MUST {adapted:.1f}%")
+        example_path = DEMO_DIR / "example.png"
+        image, label = next(iter_domain("target", 1, seed=2024))
+        image.save(example_path)
+        answer = client.predict_url(job.id, example_path.resolve().as_uri(), top_k=3)
+        guesses = ", ".join(f"{p['label']} {p['probability']:.2f}" for p in answer["predictions"])
+        print(f"GET /predict {example_path} (a {CLASS_NAMES[label]}): {guesses}")
+    return adapted
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    bar.close()
-    adapted = load_classifier(result.classifier_dir)
-    after = top1(adapted, pixels, labels_t)
-    print(f"\ntrained in {time.perf_counter() - start:.0f}s; classifier at {result.classifier_dir}")
-    print(f"target-domain top-1 on 500 held-out images: zero-shot {before:.1f}%  ->  MUST {after:.1f}%")
-    example = adapted.top_k(adapted.predict([held_out[0]]), 3)[0]
-    shown = ", ".join(f"{p['label']} {p['probability']:.2f}" for p in example)
-    print(f"example prediction (true class: {CLASS_NAMES[labels[0]]}): {shown}")
+    parser.add_argument("--images", type=int, default=2000, help="unlabeled target-domain images")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--test-images", type=int, default=500)
+    args = parser.parse_args(argv)
+    shutil.rmtree(DEMO_DIR, ignore_errors=True)
+    env = embedded_env(DEMO_DIR)
+    dataset = DEMO_DIR / "store" / "datasets" / "shapes-target"
+    print(f"putting {args.images} unlabeled target-domain images in the store at {dataset}/")
+    write_folder("target", args.images, seed=7, out=dataset)
+    platform = Platform(env=env, log_dir=DEMO_DIR / "logs")
+    print("starting the control API, a worker and the inference service ...")
+    with platform:
+        print(f"control API {platform.control_url}/docs, inference {platform.inference_url}/docs")
+        run(platform, dataset.resolve().as_uri(), args)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

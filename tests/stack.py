@@ -37,6 +37,8 @@ WORKER_ENV = {
     "MUST_WORKER__LEASE_SECONDS": "4",
     "MUST_WORKER__RECONCILE_EVERY_SECONDS": "1",
     "MUST_WORKER__PROGRESS_EVERY_SECONDS": "1",
+    # Several workers on one machine would contend for the metrics port; tests/worker covers it.
+    "MUST_METRICS__WORKER_PORT": "0",
 }
 
 
