@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import itertools
 import os
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -19,8 +19,9 @@ from services.storage.object_store import open_store
 
 # Downloads are network-bound, so a few threads hide the per-object latency of S3.
 DOWNLOAD_THREADS = 8
-# Keys handed to the pool at once: small enough to stop soon after `max_images`, big enough to keep it busy.
-CHUNK = 64
+# Fetches in flight: a sliding window, so one slow object never leaves the other threads idle,
+# and staging stops soon after `max_images`.
+WINDOW = 4 * DOWNLOAD_THREADS
 
 
 @dataclass
@@ -76,22 +77,30 @@ def _image_keys(store: ObjectStore, prefix: str, skipped: SkipReport) -> Iterato
 def _stage(
     store: ObjectStore, prefix: str, out_dir: Path, settings: Settings, max_images: int | None
 ) -> StagedImages:
+    """Fetch up to WINDOW objects at once while the listing streams; results are kept in listing order."""
     staged = StagedImages([], SkipReport())
     keys = _image_keys(store, prefix, staged.skipped)
+    pending: deque[tuple[str, Path, Future[str | None]]] = deque()
     with ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="stage") as pool:
-        while max_images is None or len(staged.paths) < max_images:
-            chunk = list(itertools.islice(keys, CHUNK))
-            if not chunk:
-                break
-            targets = [out_dir / local_name(key) for key in chunk]
-            reasons = pool.map(
-                _fetch, itertools.repeat(store), chunk, targets, itertools.repeat(settings.limits)
-            )
-            for key, target, reason in zip(chunk, targets, reasons, strict=True):
-                if reason is not None:
-                    staged.skipped.add(reason, key)
-                elif max_images is None or len(staged.paths) < max_images:
-                    staged.paths.append(target)
+
+        def submit_next() -> None:
+            key = next(keys, None)
+            if key is not None:
+                target = out_dir / local_name(key)
+                pending.append((key, target, pool.submit(_fetch, store, key, target, settings.limits)))
+
+        for _ in range(WINDOW):
+            submit_next()
+        while pending and (max_images is None or len(staged.paths) < max_images):
+            key, target, fetched = pending.popleft()
+            reason = fetched.result()
+            if reason is None:
+                staged.paths.append(target)
+            else:
+                staged.skipped.add(reason, key)
+            submit_next()
+        for _, _, fetched in pending:
+            fetched.cancel()
     return staged
 
 

@@ -24,6 +24,7 @@ import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.inference.errors import AdaptationNotReady, ImageRejected
+from api.inference.pixels import PixelSteps, normalize, pixel_steps, to_uint8
 from services.errors import ArtifactMissing, InvalidRequest, JobNotFound
 from services.jobs import repository
 from services.jobs.states import JobStatus
@@ -66,6 +67,11 @@ class ServedModel:
     description: dict[str, Any]
     adaptation_id: str | None = None
     artifact_sha256: str | None = None
+    # Worked out once per loaded model, not per request.
+    pixels: PixelSteps | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pixels = pixel_steps(self.classifier)
 
 
 def canonical_job_id(raw: str) -> str:
@@ -230,6 +236,8 @@ class MicroBatcher:
         self.max_wait_s = max_wait_s
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task[None] | None = None
+        # Always the same thread: torch keeps one team of intra-op threads per calling thread.
+        self._device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
 
     async def submit(self, model: ServedModel, pixels: torch.Tensor) -> torch.Tensor:
         """Class probabilities for `pixels`, computed in a batch with other pending requests."""
@@ -247,6 +255,7 @@ class MicroBatcher:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
             self._worker = None
+        self._device_thread.shutdown(wait=False, cancel_futures=True)
 
     async def _collect(self, queue: asyncio.Queue[_Pending]) -> list[_Pending]:
         batch = [await queue.get()]
@@ -272,10 +281,16 @@ class MicroBatcher:
             for items in groups.values():
                 await self._execute(items)
 
+    def _forward_all(self, classifier: ImageClassifier, parts: list[torch.Tensor]) -> torch.Tensor:
+        return self.forward(classifier, torch.cat(parts) if len(parts) > 1 else parts[0])
+
     async def _execute(self, items: list[_Pending]) -> None:
-        pixels = torch.cat([item.pixels for item in items])
+        loop = asyncio.get_running_loop()
+        parts = [item.pixels for item in items]
         try:
-            probs = await asyncio.to_thread(self.forward, items[0].model.classifier, pixels)
+            probs = await loop.run_in_executor(
+                self._device_thread, self._forward_all, items[0].model.classifier, parts
+            )
         except Exception as exc:
             for item in items:
                 if not item.done.done():
@@ -290,8 +305,9 @@ class MicroBatcher:
 
 
 def run_forward(classifier: ImageClassifier, pixels: torch.Tensor) -> torch.Tensor:
-    """One forward pass: class probabilities [B, K] on the CPU."""
-    return classifier.predict(pixels)
+    """One forward pass of 8-bit or normalised pixels: class probabilities [B, K] on the CPU."""
+    with torch.inference_mode():
+        return classifier.predict(normalize(pixels, classifier))
 
 
 class Predictor:
@@ -328,9 +344,9 @@ class Predictor:
     async def decode(self, model: ServedModel, images: Sequence[tuple[str, bytes]]) -> torch.Tensor:
         """Decode and preprocess named image bytes off the event loop; ImageRejected names a bad one."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._preprocess, model.classifier, images)
+        return await loop.run_in_executor(self._pool, self._preprocess, model, images)
 
-    def _preprocess(self, classifier: ImageClassifier, images: Sequence[tuple[str, bytes]]) -> torch.Tensor:
+    def _preprocess(self, model: ServedModel, images: Sequence[tuple[str, bytes]]) -> torch.Tensor:
         decoded = []
         for name, data in images:
             try:
@@ -339,7 +355,9 @@ class Predictor:
                 )
             except ImageLoadError as exc:
                 raise ImageRejected(name, exc.reason, str(exc)) from None
-        return classifier.preprocess(decoded)
+        if model.pixels is None:
+            return model.classifier.preprocess(decoded)
+        return to_uint8(model.pixels, decoded)
 
     async def predict(self, model: ServedModel, pixels: torch.Tensor) -> torch.Tensor:
         """Class probabilities [B, K], batched with concurrent requests for the same model."""

@@ -1,0 +1,385 @@
+"""The inference service against the bare model it serves, measured in one run on one machine.
+
+    .venv/bin/python -m bench.inference [--models tiny,vit-b-32] [--rounds 2]
+
+For each model an adapted artifact is exported (the tiny CLIP, and open_clip's `ViT-B-32` with
+random weights and a zero-shot head from its random text tower), recorded as a succeeded
+adaptation in a SQLite job database and a local artifacts store, and served by the inference
+service under uvicorn in a subprocess. Clients on loopback keep 1, 8 and 32 `POST /predict`
+requests of one JPEG each in flight. Between those runs the bench process runs the same
+classifier on the same images, preprocessed the way the service does it: a batched forward in
+a tight loop and a single-image forward. Measurements alternate over `--rounds` and each side
+keeps its best round, since other load on a shared machine only ever slows a run down.
+
+Prints a table and, as its last line, one JSON object with, per model, `throughput_ratio_32`
+(service images/s at 32 in flight / raw batched images/s) and `latency_ratio_1` (service p50 at
+1 in flight / raw single-image forward), and the service's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.loopback import free_port, peak_rss_mb, running
+from bench.shapes import CLASS_NAMES, sample
+from bench.tiny_clip import TINY_CLIP_SPEC
+from services.db.migrate import upgrade
+from services.db.session import make_engine, make_session_factory
+from services.jobs import repository
+from services.must.adapt import prepare
+from services.must.data import decode_image
+from services.must.export import MANIFEST, WEIGHTS, export_classifier, load_classifier
+from services.must.inference import ImageClassifier
+from services.must.loading import ModelSpec
+from services.storage.keys import classifier_manifest_key, classifier_weights_key
+from services.storage.local import LocalObjectStore
+
+LEVELS = (1, 8, 32)
+RAW_BATCH = 32
+BOUNDARY = "must-bench-boundary"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One model to benchmark: its spec, the uploaded image size and how many requests per level."""
+
+    spec: ModelSpec
+    image_px: int
+    requests: dict[int, int]
+    raw_batches: int
+    raw_singles: int
+
+
+CASES = {
+    "tiny": Case(TINY_CLIP_SPEC, 64, {1: 200, 8: 800, 32: 1600}, 60, 200),
+    "vit-b-32": Case(ModelSpec(arch="ViT-B-32"), 256, {1: 12, 8: 48, 32: 96}, 2, 12),
+}
+
+
+@dataclass(frozen=True)
+class Level:
+    """Service figures at one number of requests in flight."""
+
+    images_per_s: float
+    p50_ms: float
+    p95_ms: float
+
+
+@dataclass
+class Round:
+    """One pass over every measurement."""
+
+    # Keyed by torch's intra-op thread count: the bare model is given its best setting.
+    raw_batched_images_per_s: dict[int, float] = field(default_factory=dict)
+    raw_single_ms: dict[int, float] = field(default_factory=dict)
+    service: dict[int, Level] = field(default_factory=dict)
+
+
+# ---- artifact and the service's world --------------------------------------------------------
+
+
+def export_artifact(case: Case, out_dir: Path) -> Path:
+    """Export the model's zero-shot classifier as an adapted artifact; returns its folder."""
+    torch.manual_seed(0)
+    prepared = prepare(case.spec, CLASS_NAMES)
+    export_classifier(
+        prepared.classifier(),
+        out_dir,
+        model_cfg=prepared.clip.model_cfg,
+        templates=prepared.templates,
+        source_model=prepared.source_model(),
+    )
+    return out_dir
+
+
+def record_adaptation(export_dir: Path, root: Path) -> tuple[dict[str, str], str]:
+    """A job database and artifacts store holding the export as a succeeded adaptation.
+
+    Returns the service's environment and the adaptation id.
+    """
+    db_url = f"sqlite:///{root / 'jobs.db'}"
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    with make_session_factory(engine)() as session:
+        job_id = repository.create_job(
+            session, request={"class_names": list(CLASS_NAMES)}, idempotency_key=None
+        ).id
+        store = LocalObjectStore(root / "store")
+        store.upload_file(classifier_weights_key(job_id), export_dir / WEIGHTS)
+        store.upload_file(classifier_manifest_key(job_id), export_dir / MANIFEST)
+        sha = json.loads((export_dir / MANIFEST).read_text())["weights_sha256"]
+        repository.mark_running(session, job_id, owner="bench", lease_seconds=60)
+        repository.mark_succeeded(session, job_id, artifact_uri="bench", artifact_sha256=sha)
+    engine.dispose()
+    env = {
+        "MUST_ENVIRONMENT": "embedded",
+        "MUST_DATABASE__URL": db_url,
+        "MUST_STORAGE__ARTIFACTS_URI": f"file://{root / 'store'}",
+        "TMPDIR": str(root),
+    }
+    return env, job_id
+
+
+def jpeg_images(case: Case, count: int) -> list[bytes]:
+    """Synthetic target-domain images, encoded as the JPEGs clients upload."""
+    out = []
+    for i in range(count):
+        image, _ = sample("target", i, seed=11, size=case.image_px)
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+# ---- clients -----------------------------------------------------------------------------------
+
+
+def predict_request(job_id: str, jpeg: bytes) -> bytes:
+    """A complete HTTP/1.1 `POST /predict` request uploading one JPEG."""
+    fields = [("adaptation_id", job_id), ("top_k", "5")]
+    parts = [
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+        for name, value in fields
+    ]
+    parts.append(
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="image.jpg"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n"
+    )
+    body = "".join(parts).encode() + jpeg + f"\r\n--{BOUNDARY}--\r\n".encode()
+    head = (
+        "POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> None:
+    """Send one request on a kept-alive connection and read the whole answer; raise unless 200."""
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    length = next(int(line.split(":")[1]) for line in lines if line.lower().startswith("content-length:"))
+    body = await reader.readexactly(length)
+    if not lines[0].startswith("HTTP/1.1 200"):
+        raise RuntimeError(f"{lines[0]}: {body[:300]!r}")
+
+
+async def _client(
+    port: int, requests: list[bytes], queue: asyncio.Queue[int], latencies: list[float]
+) -> None:
+    """One connection that sends requests one after another until the queue is empty."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        while not queue.empty():
+            i = queue.get_nowait()
+            start = time.perf_counter()
+            await _exchange(reader, writer, requests[i % len(requests)])
+            latencies.append(time.perf_counter() - start)
+    finally:
+        writer.close()
+
+
+async def _load(port: int, requests: list[bytes], in_flight: int, total: int) -> tuple[float, list[float]]:
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(total):
+        queue.put_nowait(i)
+    latencies: list[float] = []
+    start = time.perf_counter()
+    await asyncio.gather(*(_client(port, requests, queue, latencies) for _ in range(in_flight)))
+    return time.perf_counter() - start, latencies
+
+
+def measure_service(port: int, requests: list[bytes], in_flight: int, total: int) -> Level:
+    """Images/s and latency percentiles with `in_flight` requests outstanding (after one warm-up wave)."""
+    asyncio.run(_load(port, requests, in_flight, in_flight))
+    seconds, latencies = asyncio.run(_load(port, requests, in_flight, total))
+    cuts = statistics.quantiles(latencies, n=20)
+    return Level(total / seconds, statistics.median(latencies) * 1e3, cuts[18] * 1e3)
+
+
+# ---- the bare model ----------------------------------------------------------------------------
+
+
+def preprocessed(classifier: ImageClassifier, jpegs: list[bytes]) -> torch.Tensor:
+    """The images as the classifier's own preprocessing turns them into pixels."""
+    return classifier.preprocess([decode_image(data) for data in jpegs])
+
+
+@torch.inference_mode()
+def raw_batched(classifier: ImageClassifier, pixels: torch.Tensor, batches: int) -> float:
+    """Images/s of back-to-back forwards of RAW_BATCH images (after one warm-up batch)."""
+    batch = pixels[:RAW_BATCH].repeat((RAW_BATCH + len(pixels) - 1) // len(pixels), 1, 1, 1)[:RAW_BATCH]
+    classifier(batch).softmax(-1)
+    start = time.perf_counter()
+    for _ in range(batches):
+        classifier(batch).softmax(-1)
+    return batches * RAW_BATCH / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def raw_single_ms(classifier: ImageClassifier, pixels: torch.Tensor, count: int) -> float:
+    """Median milliseconds of a one-image forward (after one warm-up)."""
+    classifier(pixels[:1]).softmax(-1)
+    times = []
+    for i in range(count):
+        start = time.perf_counter()
+        classifier(pixels[i % len(pixels) : i % len(pixels) + 1]).softmax(-1)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+# ---- one model ---------------------------------------------------------------------------------
+
+
+def thread_counts() -> list[int]:
+    """One intra-op thread, and torch's default (one per core)."""
+    return sorted({1, torch.get_num_threads()})
+
+
+def run_round(
+    case: Case, classifier: ImageClassifier, pixels: torch.Tensor, port: int, requests: list[bytes]
+) -> Round:
+    """Raw batched and raw single at each thread count, then the service at each level."""
+    result = Round()
+    default = torch.get_num_threads()
+    for threads in thread_counts():
+        torch.set_num_threads(threads)
+        result.raw_batched_images_per_s[threads] = raw_batched(classifier, pixels, case.raw_batches)
+        result.raw_single_ms[threads] = raw_single_ms(classifier, pixels, case.raw_singles)
+    torch.set_num_threads(default)
+    for level in LEVELS:
+        result.service[level] = measure_service(port, requests, level, case.requests[level])
+    return result
+
+
+def summarize(rounds: list[Round], rss_mb: float) -> dict[str, Any]:
+    """Best of the rounds for each figure, and the two ratios."""
+    raw_batched_best = max(max(r.raw_batched_images_per_s.values()) for r in rounds)
+    raw_single_best = min(min(r.raw_single_ms.values()) for r in rounds)
+    service = {}
+    for level in LEVELS:
+        runs = [r.service[level] for r in rounds]
+        service[level] = Level(
+            max(x.images_per_s for x in runs), min(x.p50_ms for x in runs), min(x.p95_ms for x in runs)
+        )
+    return {
+        "throughput_ratio_32": round(service[32].images_per_s / raw_batched_best, 3),
+        "latency_ratio_1": round(service[1].p50_ms / raw_single_best, 3),
+        "raw_batched_images_per_s": round(raw_batched_best, 2),
+        "raw_single_ms": round(raw_single_best, 2),
+        "service": {
+            str(level): {
+                "images_per_s": round(x.images_per_s, 2),
+                "p50_ms": round(x.p50_ms, 2),
+                "p95_ms": round(x.p95_ms, 2),
+            }
+            for level, x in service.items()
+        },
+        "service_peak_rss_mb": round(rss_mb, 1),
+        "rounds": len(rounds),
+    }
+
+
+def bench_model(
+    name: str, case: Case, rounds: int, root: Path, service_env: dict[str, str]
+) -> dict[str, Any]:
+    """Export, serve and measure one model."""
+    print(f"[{name}] exporting the artifact", file=sys.stderr)
+    export_dir = export_artifact(case, root / "export")
+    env, job_id = record_adaptation(export_dir, root)
+    env.update(service_env)
+    classifier = load_classifier(export_dir)
+    jpegs = jpeg_images(case, 64)
+    pixels = preprocessed(classifier, jpegs)
+    requests = [predict_request(job_id, data) for data in jpegs]
+    port = free_port()
+    args = [sys.executable, "-m", "uvicorn", "api.inference.main:create_app", "--factory"]
+    args += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    results = []
+    with running(args, f"http://127.0.0.1:{port}/healthz", env, root / "uvicorn.log") as server:
+        for i in range(rounds):
+            print(f"[{name}] round {i + 1}/{rounds}", file=sys.stderr)
+            results.append(run_round(case, classifier, pixels, port, requests))
+            print_round(name, i + 1, results[-1])
+        rss = peak_rss_mb(server.pid)
+    return summarize(results, rss)
+
+
+def print_round(name: str, index: int, result: Round) -> None:
+    """One table row per measurement of a round."""
+    for threads, images_per_s in result.raw_batched_images_per_s.items():
+        print(
+            f"{name:<9} round {index}  raw, {threads} thread(s): batched {images_per_s:9.2f} img/s   "
+            f"single {result.raw_single_ms[threads]:8.2f} ms"
+        )
+    for level, x in result.service.items():
+        print(
+            f"{name:<9} round {index}  service @{level:<3} {x.images_per_s:9.2f} img/s   "
+            f"p50 {x.p50_ms:8.2f} ms   p95 {x.p95_ms:8.2f} ms"
+        )
+
+
+def print_summary(results: dict[str, dict[str, Any]]) -> None:
+    """The best-of-rounds table."""
+    print(
+        f"\n{'model':<9} {'raw img/s':>10} {'svc@32 img/s':>13} {'ratio32':>8} "
+        f"{'raw 1 ms':>9} {'svc@1 p50':>10} {'ratio1':>7} {'svc@8 img/s':>12} {'RSS MB':>8}"
+    )
+    for name, r in results.items():
+        s = r["service"]
+        print(
+            f"{name:<9} {r['raw_batched_images_per_s']:>10.2f} {s['32']['images_per_s']:>13.2f} "
+            f"{r['throughput_ratio_32']:>8.3f} {r['raw_single_ms']:>9.2f} {s['1']['p50_ms']:>10.2f} "
+            f"{r['latency_ratio_1']:>7.3f} {s['8']['images_per_s']:>12.2f} {r['service_peak_rss_mb']:>8.1f}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--models", default=",".join(CASES), help=f"comma-separated, among {', '.join(CASES)}"
+    )
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--service-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the service process, e.g. OMP_NUM_THREADS=1 (repeatable)",
+    )
+    args = parser.parse_args()
+    service_env = dict(item.split("=", 1) for item in args.service_env)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        parser.error(f"unknown models {unknown}; choose among {list(CASES)}")
+    start = time.perf_counter()
+    results = {}
+    for name in names:
+        with tempfile.TemporaryDirectory(prefix=f"must-bench-inference-{name}-") as tmp:
+            results[name] = bench_model(name, CASES[name], args.rounds, Path(tmp), service_env)
+    print_summary(results)
+    summary: dict[str, Any] = {
+        **{name: results[name] for name in names},
+        "service_env": service_env,
+        "total_seconds": round(time.perf_counter() - start, 1),
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""The split preprocessing gives exactly the classifier's own pixels."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from api.inference.pixels import normalize, pixel_steps, to_uint8
+from bench.shapes import sample
+from services.must.export import load_classifier
+from tests.api.inference.conftest import Export
+
+
+def test_uint8_pixels_normalised_in_a_batch_match_the_classifier_preprocessing(
+    exports: tuple[Export, Export],
+) -> None:
+    classifier = load_classifier(exports[0].folder)
+    # Larger than the model's input and not square, so resize and centre crop both do something.
+    images = [sample("target", i, seed=5, size=48)[0].resize((60, 48)) for i in range(4)]
+    images.append(Image.new("L", (40, 40), color=90))
+    steps = pixel_steps(classifier)
+    assert steps is not None
+
+    pixels = to_uint8(steps, images)
+
+    assert pixels.dtype == torch.uint8
+    assert pixels.is_contiguous()
+    assert torch.equal(normalize(pixels, classifier), classifier.preprocess(images))
+
+
+def test_float_pixels_pass_through_normalize(exports: tuple[Export, Export]) -> None:
+    classifier = load_classifier(exports[0].folder)
+    pixels = torch.randn(2, 3, 32, 32)
+
+    assert normalize(pixels, classifier) is pixels
