@@ -59,7 +59,8 @@ class MustConfig:
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     checkpoint_every: int = 200
-    num_workers: int = 0
+    # DataLoader processes that decode and augment; None picks by device (see trainer.loader_workers).
+    num_workers: int | None = None
 
     def validate(self) -> MustConfig:
         """Raise ConfigError for values that cannot work."""
@@ -78,6 +79,7 @@ class MustConfig:
             (self.threshold is None or 0.0 <= self.threshold < 1.0, "threshold must be in [0, 1)"),
             (self.base_lr > 0 and (self.lr is None or self.lr > 0), "learning rates must be positive"),
             (self.checkpoint_every >= 1, "checkpoint_every must be positive"),
+            (self.num_workers is None or self.num_workers >= 0, "num_workers must be >= 0"),
             (min(self.fairness_weight, self.mim_weight, self.align_weight) >= 0, "loss weights must be >= 0"),
         ]
         for ok, message in checks:
