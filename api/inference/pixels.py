@@ -58,4 +58,4 @@ def normalize(pixels: torch.Tensor, classifier: ImageClassifier) -> torch.Tensor
         raise ValueError("8-bit pixels for a classifier whose preprocessing cannot be split")
     mean = torch.as_tensor(steps.mean, dtype=torch.float32).view(-1, 1, 1)
     std = torch.as_tensor(steps.std, dtype=torch.float32).view(-1, 1, 1)
-    return pixels.to(torch.float32).div(255).sub_(mean).div_(std)
+    return pixels.to(torch.float32).div_(255).sub_(mean).div_(std)

@@ -12,6 +12,7 @@ import logging
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -223,17 +224,26 @@ class _Pending:
 
 
 class MicroBatcher:
-    """Collects concurrent requests for up to `max_wait_s` or `max_batch` images, one forward per model.
+    """Collects concurrent requests into batches of up to `max_batch` images, one forward per model.
 
-    A single worker task runs the forwards one after another in a thread, so the event loop stays
-    free and the device never runs two batches at once; requests that arrive during a forward
-    form the next batch.
+    A batch waits only while more requests are known to be on their way (`incoming`: being
+    decoded), and at most `max_wait_s` or a tenth of the last forward's time, whichever is
+    longer: a lone request goes at once, and on a slow device the requests that arrive together
+    are not split into a small batch and a large one (small batches cost more per image).
+    A single worker task runs the forwards one after another in one thread, so the event loop
+    stays free and the device never runs two batches at once; requests that arrive during a
+    forward form the next batch.
     """
+
+    # The longest wait for incoming requests, as a fraction of the last forward's duration.
+    WAIT_FRACTION = 0.1
 
     def __init__(self, forward: Forward, *, max_batch: int = 32, max_wait_s: float = 0.005) -> None:
         self.forward = forward
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        self.incoming = 0
+        self._last_forward_s = 0.0
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task[None] | None = None
         # Always the same thread: torch keeps one team of intra-op threads per calling thread.
@@ -261,8 +271,10 @@ class MicroBatcher:
         batch = [await queue.get()]
         size = len(batch[0].pixels)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_wait_s
+        deadline = loop.time() + max(self.max_wait_s, self.WAIT_FRACTION * self._last_forward_s)
         while size < self.max_batch:
+            if queue.empty() and self.incoming == 0:
+                break
             try:
                 item = await asyncio.wait_for(queue.get(), max(0.0, deadline - loop.time()))
             except TimeoutError:
@@ -282,7 +294,10 @@ class MicroBatcher:
                 await self._execute(items)
 
     def _forward_all(self, classifier: ImageClassifier, parts: list[torch.Tensor]) -> torch.Tensor:
-        return self.forward(classifier, torch.cat(parts) if len(parts) > 1 else parts[0])
+        start = time.perf_counter()
+        probs = self.forward(classifier, torch.cat(parts) if len(parts) > 1 else parts[0])
+        self._last_forward_s = time.perf_counter() - start
+        return probs
 
     async def _execute(self, items: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
@@ -344,7 +359,12 @@ class Predictor:
     async def decode(self, model: ServedModel, images: Sequence[tuple[str, bytes]]) -> torch.Tensor:
         """Decode and preprocess named image bytes off the event loop; ImageRejected names a bad one."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._preprocess, model, images)
+        # Counted until the pixels reach the batcher: the route submits them without yielding.
+        self.batcher.incoming += 1
+        try:
+            return await loop.run_in_executor(self._pool, self._preprocess, model, images)
+        finally:
+            self.batcher.incoming -= 1
 
     def _preprocess(self, model: ServedModel, images: Sequence[tuple[str, bytes]]) -> torch.Tensor:
         decoded = []
