@@ -8,6 +8,7 @@ Start a worker with `celery -A worker.celery_app worker -Q gpu --concurrency 1` 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,10 @@ from services.config import Settings, get_settings
 
 # Connects the worker's log and metrics receivers before a worker sets up logging; no torch.
 from worker import signals  # noqa: F401
+
+# Idle OpenMP threads sleep instead of spinning, so the decode and augmentation work beside
+# training gets the cores; only effective before torch loads, which this module never does.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # The name the worker registers its training task under; the API sends to this name.
 TRAIN_TASK = "must.train"

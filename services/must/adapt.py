@@ -31,7 +31,7 @@ from services.must.inference import ImageClassifier
 from services.must.loading import LoadedClip, ModelSpec, load_clip
 from services.must.network import MustNetwork
 from services.must.task import MustTask
-from services.must.trainer import FitResult, TrainerHooks, fit
+from services.must.trainer import FitResult, TrainerHooks, fit, loader_workers
 from services.must.transforms import TwoViews, eval_transform
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,9 @@ def calibrate(
     step = max(1, len(paths) // CALIBRATION_IMAGES)
     subset = list(paths)[::step][:CALIBRATION_IMAGES]
     data = ImageListDataset(subset, eval_transform(prepared.clip.preprocess))
-    batches = (x for x, _ in DataLoader(data, batch_size=128, num_workers=0))
+    workers = loader_workers(cfg, device)
+    loader = DataLoader(data, batch_size=128, num_workers=workers, pin_memory=device.type == "cuda")
+    batches = (x for x, _ in loader)
     conf, pred = teacher_confidence(prepared.network, batches, device)
     return choose_threshold(conf, pred, prepared.network.num_classes, cfg)
 
