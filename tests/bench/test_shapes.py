@@ -26,7 +26,7 @@ def test_classes_are_balanced() -> None:
 
 
 def test_target_is_noisier_than_source() -> None:
-    """Plain backgrounds vs clutter and sensor noise: high-frequency energy differs a lot."""
+    """Plain backgrounds vs gradients with sensor noise: high-frequency energy differs a lot."""
 
     def roughness(domain: str) -> float:
         images = [np.asarray(im, dtype=np.float32) for im, _ in iter_domain(domain, 40, seed=0)]

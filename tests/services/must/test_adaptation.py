@@ -31,8 +31,9 @@ def test_short_run_raises_target_accuracy(tmp_path: Path) -> None:
         lr=1e-4,
         ema_start=0.99,
         ema_end=0.995,
-        strong_crop_min=0.7,
-        rand_augment="rand-n2-m5-mstd0.5-inc1",
+        strong_crop_min=0.85,
+        rand_augment="rand-n1-m3-mstd0.5-inc1",
+        threshold_quantile=0.2,
     )
     run = start(paths, CLASS_NAMES, model=TINY_CLIP_SPEC, config=config, device="cpu")
     run.train(tmp_path / "checkpoints")
