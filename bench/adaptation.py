@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from bench.shapes import CLASS_NAMES, iter_domain, write_folder
-from bench.tiny_clip import TINY_CLIP_SPEC
+from bench.tiny_clip import TARGET_TEST_SEED, TINY_CLIP_HPARAMS, TINY_CLIP_SPEC
 from services.must.adapt import adapt, prepare
 from services.must.config import MustConfig
 from services.must.evaluation import top1
@@ -78,29 +78,27 @@ def main() -> None:
     parser.add_argument(
         "--threshold-quantile",
         type=float,
-        default=0.2,
+        default=TINY_CLIP_HPARAMS["threshold_quantile"],
         help="label-free tau: this quantile of the zero-shot teacher's confidences on the images",
     )
     parser.add_argument("--no-ablations", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     total_start = time.perf_counter()
-    # Milder student views than the ImageNet defaults: at 32 px a 30% crop plus a 14 px
-    # RandAugment shift often leaves no shape at all for the student to classify, and on top of
-    # them the 30% mask already hides a third of a shape that spans a few 4 px patches.
-    base = MustConfig(
-        total_steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        strong_crop_min=0.85,
-        rand_augment="rand-n1-m3-mstd0.5-inc1",
-        threshold_quantile=args.threshold_quantile,
+    base = MustConfig.from_dict(
+        TINY_CLIP_HPARAMS
+        | {
+            "total_steps": args.steps,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "seed": args.seed,
+            "threshold_quantile": args.threshold_quantile,
+        }
     )
 
     zero_shot = prepare(TINY_CLIP_SPEC, CLASS_NAMES).classifier()
     source_test = labelled_set(zero_shot, "source", args.test_images, seed=1001)
-    target_test = labelled_set(zero_shot, "target", args.test_images, seed=1002)
+    target_test = labelled_set(zero_shot, "target", args.test_images, seed=TARGET_TEST_SEED)
     rows = [
         Row("zero-shot, source domain", top1(zero_shot, *source_test), 0.0),
         Row("zero-shot, target domain", top1(zero_shot, *target_test), 0.0),
