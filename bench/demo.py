@@ -22,21 +22,14 @@ from typing import Any
 from PIL import Image
 
 from bench.shapes import CLASS_NAMES, iter_domain, write_folder
-from bench.tiny_clip import CHECKPOINT_PATH, CONFIG_PATH
+from bench.tiny_clip import CHECKPOINT_PATH, CONFIG_PATH, TARGET_TEST_SEED, TINY_CLIP_HPARAMS
 from client.http import MustClient
 from client.progress import JobProgressBar
 from services.launcher import Platform
 
 DEMO_DIR = Path(".demo")
 TEMPLATES = ["a photo of a {}."]
-# The bench's schedule for the tiny CLIP at 32 px: mild strong views (see bench/adaptation.py).
-HPARAMS: dict[str, Any] = {
-    "batch_size": 64,
-    "lr": 1e-4,
-    "strong_crop_min": 0.7,
-    "rand_augment": "rand-n2-m5-mstd0.5-inc1",
-    "seed": 0,
-}
+HPARAMS: dict[str, Any] = TINY_CLIP_HPARAMS | {"batch_size": 64, "lr": 1e-4, "seed": 0}
 BATCH = 100
 
 
@@ -73,7 +66,8 @@ def score(client: MustClient, fields: dict[str, str], images: Sequence[tuple[byt
 def run(platform: Platform, dataset_uri: str, args: argparse.Namespace) -> float:
     """Adapt, wait, score; return the adapted top-1."""
     model = {"config": str(CONFIG_PATH.resolve()), "checkpoint": str(CHECKPOINT_PATH.resolve())}
-    held_out = [(_png(image), label) for image, label in iter_domain("target", args.test_images, seed=1002)]
+    labelled = iter_domain("target", args.test_images, seed=TARGET_TEST_SEED)
+    held_out = [(_png(image), label) for image, label in labelled]
     with MustClient(platform.control_url, platform.inference_url, timeout=120) as client:
         zero_shot_fields = {"model": json.dumps(model), "class_names": ",".join(CLASS_NAMES)}
         zero_shot = score(client, zero_shot_fields | {"templates": json.dumps(TEMPLATES)}, held_out)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from bench.shapes import CLASS_NAMES, iter_domain
+from bench.tiny_clip import TARGET_TEST_SEED, TINY_CLIP_HPARAMS
 from tests.stack import Stack, png
 
 pytestmark = pytest.mark.e2e
@@ -19,13 +20,11 @@ pytestmark = pytest.mark.e2e
 TRAIN_IMAGES = 600
 TEST_IMAGES = 300
 TEMPLATES = ["a photo of a {}."]
-# A short schedule with the bench's mild strong views for 32 px images (see bench/adaptation.py).
-HPARAMS: dict[str, Any] = {
+# A short schedule with the tiny CLIP's settings for 32 px images.
+HPARAMS: dict[str, Any] = TINY_CLIP_HPARAMS | {
     "total_steps": 120,
     "batch_size": 32,
     "lr": 1e-4,
-    "strong_crop_min": 0.7,
-    "rand_augment": "rand-n2-m5-mstd0.5-inc1",
     "checkpoint_every": 40,
     "seed": 0,
 }
@@ -85,7 +84,8 @@ def test_adapt_from_s3_then_predict_better_than_zero_shot(stack: Stack) -> None:
         metrics = http.get(f"/adaptations/{job_id}/metrics").raise_for_status().json()
     assert metrics["items"], metrics
 
-    held_out = [(png(image), label) for image, label in iter_domain("target", TEST_IMAGES, seed=22)]
+    labelled = iter_domain("target", TEST_IMAGES, seed=TARGET_TEST_SEED)
+    held_out = [(png(image), label) for image, label in labelled]
     adapted = _top1(stack, {"adaptation_id": job_id}, held_out)
     zero_shot_fields = {"model": json.dumps(model), "class_names": ",".join(CLASS_NAMES)}
     zero_shot = _top1(stack, zero_shot_fields | {"templates": json.dumps(TEMPLATES)}, held_out)

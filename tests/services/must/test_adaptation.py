@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench.shapes import CLASS_NAMES, iter_domain, write_folder
-from bench.tiny_clip import TINY_CLIP_SPEC
+from bench.tiny_clip import TINY_CLIP_HPARAMS, TINY_CLIP_SPEC
 from services.must.adapt import list_images, prepare, start
 from services.must.config import MustConfig
 from services.must.evaluation import top1
@@ -25,16 +25,8 @@ def test_short_run_raises_target_accuracy(tmp_path: Path) -> None:
     pixels, targets = zero_shot.preprocess(list(images)), torch.tensor(labels)
     before = top1(zero_shot, pixels, targets)
 
-    config = MustConfig(
-        total_steps=80,
-        batch_size=64,
-        lr=1e-4,
-        ema_start=0.99,
-        ema_end=0.995,
-        strong_crop_min=0.85,
-        rand_augment="rand-n1-m3-mstd0.5-inc1",
-        threshold_quantile=0.2,
-    )
+    schedule = {"total_steps": 80, "batch_size": 64, "lr": 1e-4, "ema_start": 0.99, "ema_end": 0.995}
+    config = MustConfig.from_dict(TINY_CLIP_HPARAMS | schedule)
     run = start(paths, CLASS_NAMES, model=TINY_CLIP_SPEC, config=config, device="cpu")
     run.train(tmp_path / "checkpoints")
 
