@@ -306,7 +306,8 @@ def bench_model(
     requests = [predict_request(job_id, data) for data in jpegs]
     port = free_port()
     args = [sys.executable, "-m", "uvicorn", "api.inference.main:create_app", "--factory"]
-    args += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    # One worker process (uvicorn's default) and no access log, as a CPU deployment would run it.
+    args += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log"]
     results = []
     with running(args, f"http://127.0.0.1:{port}/healthz", env, root / "uvicorn.log") as server:
         for i in range(rounds):

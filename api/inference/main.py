@@ -42,9 +42,23 @@ class ServingOptions:
     device: str | None = None
     cache_dir: Path | None = None
     max_models: int = 4
-    max_batch: int = 32
+    # None: by device (`default_max_batch`).
+    max_batch: int | None = None
     max_wait_s: float = 0.005
     preprocess_workers: int = 2
+    # How stale an adaptation's artifact version may be: the job row is read at most this often.
+    artifact_recheck_s: float = 2.0
+
+
+def default_max_batch(device: str | torch.device) -> int:
+    """The batch size cap: 32 images on a GPU, 16 on a CPU.
+
+    On a CPU a ViT-B-32 forward costs no more per image at 16 than at 32 (measured on the
+    2-core development machine), and with 32 requests in flight two batches take turns: one
+    batch's requests are answered, sent again and decoded while the other one runs, with half
+    the activation memory.
+    """
+    return 32 if torch.device(device).type == "cuda" else 16
 
 
 def _build_predictor(app: FastAPI, options: ServingOptions) -> Predictor:
@@ -52,20 +66,22 @@ def _build_predictor(app: FastAPI, options: ServingOptions) -> Predictor:
     store, prefix = app.state.artifacts
     cache_dir = options.cache_dir or Path(tempfile.gettempdir()) / "must-inference-cache"
     reader: ImageReader = app.state.image_reader
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cache = ClassifierCache(
         session_factory=app.state.session_factory,
         store=store,
         prefix=prefix,
         cache_dir=cache_dir,
-        device=options.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        device=device,
         max_models=options.max_models,
+        recheck_s=options.artifact_recheck_s,
         model_file=partial(reader.model_file, folder=cache_dir / "models"),
     )
     return Predictor(
         cache,
         max_image_bytes=settings.limits.max_object_bytes,
         max_image_pixels=settings.limits.max_image_pixels,
-        max_batch=options.max_batch,
+        max_batch=options.max_batch or default_max_batch(device),
         max_wait_s=options.max_wait_s,
         preprocess_workers=options.preprocess_workers,
     )

@@ -15,8 +15,9 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,9 @@ class ClassifierCache:
 
     Adapted classifiers are keyed by job id and reloaded when the job's `artifact_sha256` changes;
     their files are kept on disk under `cache_dir/<job id>/<sha256>/` so a reload after eviction
-    does not download again.
+    does not download again. The job row is read at most once per `recheck_s` per adaptation
+    (`recent`): a newer artifact is served within that many seconds of its publication, and
+    requests in between cost no database round trip.
     """
 
     session_factory: sessionmaker[Session]
@@ -98,9 +101,12 @@ class ClassifierCache:
     cache_dir: Path
     device: str | torch.device = "cpu"
     max_models: int = 4
+    recheck_s: float = 2.0
     # Gives a local path for a zero-shot model file named by URI (downloading an s3:// one once).
     model_file: Callable[[str], str] | None = None
     _models: OrderedDict[str, ServedModel] = field(default_factory=OrderedDict, init=False)
+    # Job id -> (time.monotonic() of the job lookup that confirmed it, the classifier served then).
+    _confirmed: dict[str, tuple[float, ServedModel]] = field(default_factory=dict, init=False)
     # Loads are rare and heavy; one lock keeps two requests from loading the same model twice.
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
@@ -112,15 +118,33 @@ class ClassifierCache:
             status, sha = job.status, job.artifact_sha256
         if status != JobStatus.SUCCEEDED or not sha:
             raise AdaptationNotReady(job_id, str(status))
+        checked_at = time.monotonic()
         with self._lock:
             cached = self._get(job_id)
             if cached is not None and cached.artifact_sha256 == sha:
+                self._confirmed[job_id] = (checked_at, cached)
                 return cached
             served = self._load_adapted(job_id, sha)
             self._put(served)
+            self._confirmed[job_id] = (checked_at, served)
         if cached is not None:
             shutil.rmtree(self.cache_dir / job_id / str(cached.artifact_sha256), ignore_errors=True)
         return served
+
+    def recent(self, adaptation_id: str) -> ServedModel | None:
+        """The loaded classifier of an adaptation whose job was read less than `recheck_s` ago.
+
+        No lock and no I/O, so it runs on the event loop; None means `adapted` must look. (The
+        least-recently-used order is refreshed by `adapted`, so once per `recheck_s` of use.)
+        """
+        try:
+            job_id = canonical_job_id(adaptation_id)
+        except JobNotFound:
+            return None
+        entry = self._confirmed.get(job_id)
+        if entry is None or time.monotonic() - entry[0] >= self.recheck_s:
+            return None
+        return entry[1]
 
     def zero_shot(self, request: ZeroShotRequest) -> ServedModel:
         """The zero-shot baseline classifier for a CLIP and class list."""
@@ -144,6 +168,7 @@ class ClassifierCache:
         self._models.move_to_end(served.key)
         while len(self._models) > self.max_models:
             evicted, _ = self._models.popitem(last=False)
+            self._confirmed.pop(evicted, None)
             log.info("evicted classifier %s from the cache", evicted)
 
     def _load_adapted(self, job_id: str, sha: str) -> ServedModel:
@@ -216,6 +241,20 @@ class ClassifierCache:
         return ServedModel(key, classifier, description)
 
 
+class Arrival:
+    """A request counted as on its way to the batcher, from route entry until it is queued or ends."""
+
+    def __init__(self, batcher: MicroBatcher) -> None:
+        self._batcher: MicroBatcher | None = batcher
+        batcher.incoming += 1
+
+    def close(self) -> None:
+        """Stop counting the request (idempotent)."""
+        if self._batcher is not None:
+            self._batcher.incoming -= 1
+            self._batcher = None
+
+
 @dataclass
 class _Pending:
     model: ServedModel
@@ -226,10 +265,12 @@ class _Pending:
 class MicroBatcher:
     """Collects concurrent requests into batches of up to `max_batch` images, one forward per model.
 
-    A batch waits only while more requests are known to be on their way (`incoming`: being
-    decoded), and at most `max_wait_s` or a tenth of the last forward's time, whichever is
-    longer: a lone request goes at once, and on a slow device the requests that arrive together
-    are not split into a small batch and a large one (small batches cost more per image).
+    A batch waits only while more requests are known to be on their way (`incoming`: counted by
+    an `Arrival` from the route's entry, through the job lookup and decoding, until queued), and
+    at most `max_wait_s` or a tenth of the last forward's time, whichever is longer: a lone
+    request goes at once, and on a slow device the requests that arrive together are not split
+    into a small batch and a large one (small batches cost more per image, and once split, the
+    two groups of clients would stay out of step).
     A single worker task runs the forwards one after another in one thread, so the event loop
     stays free and the device never runs two batches at once; requests that arrive during a
     forward form the next batch.
@@ -249,14 +290,19 @@ class MicroBatcher:
         # Always the same thread: torch keeps one team of intra-op threads per calling thread.
         self._device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
 
-    async def submit(self, model: ServedModel, pixels: torch.Tensor) -> torch.Tensor:
+    async def submit(
+        self, model: ServedModel, pixels: torch.Tensor, arrival: Arrival | None = None
+    ) -> torch.Tensor:
         """Class probabilities for `pixels`, computed in a batch with other pending requests."""
         if self._queue is None:
             self._queue = asyncio.Queue()
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._run(self._queue))
         done: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(model, pixels, done))
+        # Queued and no longer counted as incoming in one step: the batcher never sees both.
+        self._queue.put_nowait(_Pending(model, pixels, done))
+        if arrival is not None:
+            arrival.close()
         return await done
 
     async def close(self) -> None:
@@ -348,8 +394,20 @@ class Predictor:
         """One batched forward; an attribute of its own so it can be observed."""
         return run_forward(classifier, pixels)
 
+    @contextmanager
+    def arriving(self) -> Iterator[Arrival]:
+        """Count a request as on its way to the batcher until `predict` queues it or it ends."""
+        arrival = Arrival(self.batcher)
+        try:
+            yield arrival
+        finally:
+            arrival.close()
+
     async def adapted(self, adaptation_id: str) -> ServedModel:
-        """The adapted classifier (the job lookup and any download run in a thread)."""
+        """The adapted classifier (a job lookup, when due, and any download run in a thread)."""
+        served = self.cache.recent(adaptation_id)
+        if served is not None:
+            return served
         return await asyncio.to_thread(self.cache.adapted, adaptation_id)
 
     async def zero_shot(self, request: ZeroShotRequest) -> ServedModel:
@@ -359,12 +417,7 @@ class Predictor:
     async def decode(self, model: ServedModel, images: Sequence[tuple[str, bytes]]) -> torch.Tensor:
         """Decode and preprocess named image bytes off the event loop; ImageRejected names a bad one."""
         loop = asyncio.get_running_loop()
-        # Counted until the pixels reach the batcher: the route submits them without yielding.
-        self.batcher.incoming += 1
-        try:
-            return await loop.run_in_executor(self._pool, self._preprocess, model, images)
-        finally:
-            self.batcher.incoming -= 1
+        return await loop.run_in_executor(self._pool, self._preprocess, model, images)
 
     def _preprocess(self, model: ServedModel, images: Sequence[tuple[str, bytes]]) -> torch.Tensor:
         decoded = []
@@ -379,9 +432,11 @@ class Predictor:
             return model.classifier.preprocess(decoded)
         return to_uint8(model.pixels, decoded)
 
-    async def predict(self, model: ServedModel, pixels: torch.Tensor) -> torch.Tensor:
+    async def predict(
+        self, model: ServedModel, pixels: torch.Tensor, arrival: Arrival | None = None
+    ) -> torch.Tensor:
         """Class probabilities [B, K], batched with concurrent requests for the same model."""
-        return await self.batcher.submit(model, pixels)
+        return await self.batcher.submit(model, pixels, arrival)
 
     def encode(self, model: ServedModel, probs: torch.Tensor, top_k: int) -> list[list[dict[str, Any]]]:
         """The `top_k` labels and probabilities of each image."""

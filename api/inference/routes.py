@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from api.common.errors import error_responses
 from api.common.metrics import PredictionSource, record_predictions
 from api.inference.deps import ImageReader, ImageReaderDep, PredictorDep
-from api.inference.predictor import Predictor, ServedModel, ZeroShotRequest
+from api.inference.predictor import Arrival, Predictor, ServedModel, ZeroShotRequest
 from services.errors import InvalidRequest
 from services.must.loading import ModelSpec
 
@@ -129,10 +129,14 @@ async def _served(predictor: Predictor, reader: ImageReader, fields: ModelFields
 
 
 async def _classify(
-    predictor: Predictor, served: ServedModel, images: list[tuple[str, bytes]], top_k: int
+    predictor: Predictor,
+    served: ServedModel,
+    images: list[tuple[str, bytes]],
+    top_k: int,
+    arrival: Arrival,
 ) -> list[list[Prediction]]:
     pixels = await predictor.decode(served, images)
-    probs = await predictor.predict(served, pixels)
+    probs = await predictor.predict(served, pixels, arrival)
     return [[Prediction(**p) for p in row] for row in predictor.encode(served, probs, top_k)]
 
 
@@ -157,9 +161,10 @@ async def predict_url(
     fields: Annotated[ModelFields, Query()],
 ) -> PredictResponse:
     """Classify one stored image with an adapted classifier or the zero-shot baseline."""
-    served = await _served(predictor, reader, fields)
-    data = await asyncio.to_thread(reader.read, image_url)
-    (predictions,) = await _classify(predictor, served, [(image_url, data)], fields.top_k)
+    with predictor.arriving() as arrival:
+        served = await _served(predictor, reader, fields)
+        data = await asyncio.to_thread(reader.read, image_url)
+        (predictions,) = await _classify(predictor, served, [(image_url, data)], fields.top_k, arrival)
     record_predictions(request, _source(fields), 1)
     return PredictResponse(**_about(served), predictions=predictions)
 
@@ -173,13 +178,14 @@ async def predict_files(
     fields: Annotated[ModelFields, Form()],
 ) -> BatchPredictResponse:
     """Classify uploaded images with an adapted classifier or the zero-shot baseline."""
-    served = await _served(predictor, reader, fields)
-    limit = predictor.max_image_bytes
-    # Reading one byte past the limit is enough for decode_image to refuse the file as too large.
-    images = [
-        (upload.filename or f"file-{i}", await upload.read(limit + 1)) for i, upload in enumerate(files)
-    ]
-    predictions = await _classify(predictor, served, images, fields.top_k)
+    with predictor.arriving() as arrival:
+        served = await _served(predictor, reader, fields)
+        limit = predictor.max_image_bytes
+        # Reading one byte past the limit is enough for decode_image to refuse the file as too large.
+        images = [
+            (upload.filename or f"file-{i}", await upload.read(limit + 1)) for i, upload in enumerate(files)
+        ]
+        predictions = await _classify(predictor, served, images, fields.top_k, arrival)
     record_predictions(request, _source(fields), len(images))
     results = [
         FileResult(filename=name, predictions=p) for (name, _), p in zip(images, predictions, strict=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +145,9 @@ def test_artifact_is_downloaded_once_and_reloaded_when_republished(
     images: list[Image.Image],
 ) -> None:
     counting = CountingStore(store)
-    app = create_app(settings, options=options, artifacts_store=counting)  # type: ignore[arg-type]
+    # The job row read on every request, so the republished version is served at once.
+    every_request = replace(options, artifact_recheck_s=0.0)
+    app = create_app(settings, options=every_request, artifacts_store=counting)  # type: ignore[arg-type]
     with TestClient(app) as client:
         job_id = succeeded_job(app.state.session_factory, store, exports[0])
         fields = {"adaptation_id": job_id, "top_k": str(K)}
@@ -159,6 +163,50 @@ def test_artifact_is_downloaded_once_and_reloaded_when_republished(
     assert third.json()["artifact_sha256"] == exports[1].manifest.weights_sha256
     got = by_label(third.json()["results"][0]["predictions"])
     assert got == pytest.approx(expected(exports[1], images[:1])[0], abs=1e-5)
+
+
+class CountingSessions:
+    """A session factory that counts the sessions opened (each job lookup opens one)."""
+
+    def __init__(self, inner: sessionmaker[Session]) -> None:
+        self.inner = inner
+        self.opened = 0
+
+    def __call__(self) -> Session:
+        self.opened += 1
+        return self.inner()
+
+
+def test_job_is_read_at_most_once_per_recheck_interval_and_a_republish_is_then_served(
+    settings: Settings,
+    options: ServingOptions,
+    store: S3ObjectStore,
+    exports: tuple[Export, Export],
+    images: list[Image.Image],
+) -> None:
+    recheck_s = 4.0
+    app = create_app(settings, options=replace(options, artifact_recheck_s=recheck_s))
+    with TestClient(app) as client:
+        job_id = succeeded_job(app.state.session_factory, store, exports[0])
+        sessions = CountingSessions(app.state.session_factory)
+        app.state.predictor.cache.session_factory = sessions
+        fields = {"adaptation_id": job_id, "top_k": str(K)}
+        started = time.monotonic()
+        first = client.post("/predict", data=fields, files=upload(images[:1]))
+        looked_up_by = time.monotonic()
+        republish(app.state.session_factory, store, job_id, exports[1])
+        within = [client.post("/predict", data=fields, files=upload(images[:1])) for _ in range(3)]
+        within_s = time.monotonic() - started
+        lookups_within = sessions.opened
+        time.sleep(max(0.0, looked_up_by + recheck_s - time.monotonic()))
+        after = client.post("/predict", data=fields, files=upload(images[:1]))
+
+    assert within_s < recheck_s, "the machine was too slow to stay inside the interval"
+    assert lookups_within == 1
+    assert [a.json()["artifact_sha256"] for a in (first, *within)] == [exports[0].manifest.weights_sha256] * 4
+    assert after.status_code == 200
+    assert after.json()["artifact_sha256"] == exports[1].manifest.weights_sha256
+    assert sessions.opened == 2
 
 
 def test_concurrent_requests_are_micro_batched(

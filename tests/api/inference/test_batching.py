@@ -1,0 +1,77 @@
+"""The micro-batcher on its own: which requests share a forward."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import torch
+from fastapi.testclient import TestClient
+
+from api.inference.main import default_max_batch
+from api.inference.predictor import Arrival, MicroBatcher, ServedModel
+from bench.shapes import CLASS_NAMES
+from bench.tiny_clip import TINY_CLIP_SPEC
+from services.must.adapt import prepare
+
+
+def _served() -> ServedModel:
+    classifier = prepare(TINY_CLIP_SPEC, CLASS_NAMES).classifier()
+    return ServedModel("tiny", classifier, {})
+
+
+def _batches(*, counted: bool) -> list[int]:
+    """Forward sizes when a second request reaches the batcher 50 ms after the first.
+
+    With `counted`, the second request is counted from its route's entry (an `Arrival`), as if
+    it were still in its job lookup when the first one was queued.
+    """
+    served, sizes = _served(), []
+
+    def forward(_: Any, pixels: torch.Tensor) -> torch.Tensor:
+        sizes.append(len(pixels))
+        return torch.zeros(len(pixels), len(CLASS_NAMES))
+
+    async def scenario() -> None:
+        # A wait budget far longer than the test's delay keeps it independent of the machine.
+        batcher = MicroBatcher(forward, max_batch=32, max_wait_s=2.0)
+        arrival = Arrival(batcher) if counted else None
+
+        async def late() -> torch.Tensor:
+            await asyncio.sleep(0.05)
+            return await batcher.submit(served, torch.zeros(1, 3, 8, 8, dtype=torch.uint8), arrival)
+
+        try:
+            await asyncio.gather(batcher.submit(served, torch.zeros(1, 3, 8, 8, dtype=torch.uint8)), late())
+            assert batcher.incoming == 0
+        finally:
+            await batcher.close()
+
+    asyncio.run(scenario())
+    return sizes
+
+
+def test_a_request_counted_from_its_arrival_joins_the_pending_batch() -> None:
+    assert _batches(counted=True) == [2]
+
+
+def test_a_lone_request_does_not_wait_for_one_nobody_announced() -> None:
+    assert _batches(counted=False) == [1, 1]
+
+
+def test_an_arrival_is_released_once() -> None:
+    batcher = MicroBatcher(lambda _, pixels: pixels)
+    arrival = Arrival(batcher)
+    assert batcher.incoming == 1
+    arrival.close()
+    arrival.close()
+    assert batcher.incoming == 0
+
+
+def test_batch_cap_by_device() -> None:
+    assert default_max_batch("cpu") == 16
+    assert default_max_batch("cuda:0") == 32
+
+
+def test_cpu_service_batches_up_to_sixteen(client: TestClient) -> None:
+    assert client.app.state.predictor.batcher.max_batch == 16  # type: ignore[attr-defined]
