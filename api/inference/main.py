@@ -20,7 +20,7 @@ from sqlalchemy import Engine
 
 from api.common import health, metrics
 from api.common.auth import API_KEY, install_auth
-from api.inference import routes, runtime
+from api.inference import routes
 from api.inference.deps import ImageReader
 from api.inference.errors import register_inference_errors
 from api.inference.predictor import ClassifierCache, Predictor
@@ -91,7 +91,6 @@ def _lifespan(options: ServingOptions) -> Callable[[FastAPI], AbstractAsyncConte
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         """Build the predictor once; stop its threads and close the database pool at shutdown."""
-        runtime.return_large_buffers()
         app.state.predictor = _build_predictor(app, options)
         yield
         await app.state.predictor.close()
