@@ -69,9 +69,9 @@ def test_an_arrival_is_released_once() -> None:
 
 
 def test_batch_cap_by_device() -> None:
-    assert default_max_batch("cpu") == 16
+    assert default_max_batch("cpu") == 8
     assert default_max_batch("cuda:0") == 32
 
 
 def test_cpu_service_batches_up_to_sixteen(client: TestClient) -> None:
-    assert client.app.state.predictor.batcher.max_batch == 16  # type: ignore[attr-defined]
+    assert client.app.state.predictor.batcher.max_batch == 8  # type: ignore[attr-defined]
