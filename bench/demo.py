@@ -10,7 +10,6 @@ through `/predict`: the zero-shot baseline, then the adapted classifier.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import shutil
 import sys
@@ -19,9 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
-from bench.shapes import CLASS_NAMES, iter_domain, write_folder
+from bench.shapes import CLASS_NAMES, iter_domain, png_bytes, write_folder
 from bench.tiny_clip import CHECKPOINT_PATH, CONFIG_PATH, TARGET_TEST_SEED, TINY_CLIP_HPARAMS
 from client.http import MustClient
 from client.progress import JobProgressBar
@@ -45,12 +42,6 @@ def embedded_env(root: Path) -> dict[str, str]:
     }
 
 
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def score(client: MustClient, fields: dict[str, str], images: Sequence[tuple[bytes, int]]) -> float:
     """Top-1 (%) of POST /predict with `fields` (an adaptation or a zero-shot model) on labelled images."""
     correct = 0
@@ -67,7 +58,7 @@ def run(platform: Platform, dataset_uri: str, args: argparse.Namespace) -> float
     """Adapt, wait, score; return the adapted top-1."""
     model = {"config": str(CONFIG_PATH.resolve()), "checkpoint": str(CHECKPOINT_PATH.resolve())}
     labelled = iter_domain("target", args.test_images, seed=TARGET_TEST_SEED)
-    held_out = [(_png(image), label) for image, label in labelled]
+    held_out = [(png_bytes(image), label) for image, label in labelled]
     with MustClient(platform.control_url, platform.inference_url, timeout=120) as client:
         zero_shot_fields = {"model": json.dumps(model), "class_names": ",".join(CLASS_NAMES)}
         zero_shot = score(client, zero_shot_fields | {"templates": json.dumps(TEMPLATES)}, held_out)

@@ -15,6 +15,7 @@ storage.
 
 from __future__ import annotations
 
+import io
 import math
 import random
 from collections.abc import Iterator
@@ -231,6 +232,13 @@ def sample(domain: str, index: int, seed: int, size: int = 32) -> tuple[Image.Im
 def iter_domain(domain: str, count: int, seed: int, size: int = 32) -> Iterator[tuple[Image.Image, int]]:
     for i in range(count):
         yield sample(domain, i, seed, size)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """The image encoded as PNG (what the demo, benches and tests upload)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def write_folder(domain: str, count: int, seed: int, out: Path, size: int = 32) -> list[tuple[Path, int]]:

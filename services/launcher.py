@@ -56,6 +56,17 @@ def worker_command(name: str) -> list[str]:
     ]  # fmt: skip
 
 
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """SIGTERM (a warm shutdown for Celery, graceful for uvicorn), then SIGKILL if it hangs."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @dataclass
 class Child:
     """One started process and the file its output goes to."""
@@ -78,14 +89,8 @@ class Child:
             raise LaunchError(f"{self.name} exited with code {code}; log {self.log_path}:\n{self.log_tail()}")
 
     def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM (a warm shutdown for Celery, graceful for uvicorn), then SIGKILL if it hangs."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        """Stop the process (see `stop_process`)."""
+        stop_process(self.proc, timeout)
 
 
 @dataclass

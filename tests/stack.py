@@ -8,7 +8,6 @@ environment). Tests talk to it only over HTTP and S3, as users do.
 
 from __future__ import annotations
 
-import io
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -21,6 +20,7 @@ import httpx
 import redis
 from PIL import Image
 
+from bench.shapes import png_bytes
 from bench.tiny_clip import CHECKPOINT_PATH, CONFIG_PATH
 from services.db.migrate import upgrade
 from services.launcher import Platform
@@ -40,13 +40,6 @@ WORKER_ENV = {
     # Several workers on one machine would contend for the metrics port; tests/worker covers it.
     "MUST_METRICS__WORKER_PORT": "0",
 }
-
-
-def png(image: Image.Image) -> bytes:
-    """PNG bytes of an image."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @dataclass
@@ -81,7 +74,7 @@ class Stack:
     def put_images(self, prefix: str, images: Iterable[Image.Image]) -> str:
         """Upload images as PNGs under `prefix`; return the prefix's URI."""
         for i, image in enumerate(images):
-            self.put(f"{prefix}img-{i:05d}.png", png(image))
+            self.put(f"{prefix}img-{i:05d}.png", png_bytes(image))
         return self.uri(prefix)
 
     def keys(self, prefix: str) -> set[str]:

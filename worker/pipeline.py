@@ -36,9 +36,8 @@ from services.must.trainer import FitResult, TrainerHooks
 from services.schemas.jobs import AdaptationCreate
 from services.storage import keys
 from services.storage.base import ObjectStore
-from services.storage.object_store import open_store, publish
-from services.storage.uri import FileURI, parse_uri
-from worker.dataset import StagedImages, local_name, stage_images
+from services.storage.object_store import local_copy, open_store, publish
+from worker.dataset import StagedImages, stage_images
 from worker.progress import keep_lease, make_cancel_check, make_progress_reporter
 
 log = logging.getLogger(__name__)
@@ -105,19 +104,12 @@ def _read_request(ctx: JobContext) -> AdaptationCreate:
 
 def _local_model_file(location: str | None, ctx: JobContext) -> str | None:
     """A local path for a model file given as a path, a file:// URI or an s3:// URI (downloaded)."""
-    if location is None or "://" not in location:
-        return location
-    parsed = parse_uri(location)
-    if isinstance(parsed, FileURI):
-        return str(parsed.path)
-    target = ctx.work_dir / "model" / local_name(location)
-    if not target.is_file():
-        try:
-            store, key = open_store(parsed, ctx.settings)
-            store.download_file(key, target)
-        except StorageError as exc:
-            raise ModelLoadError(f"cannot download the model file {location}: {exc}") from exc
-    return str(target)
+    if location is None:
+        return None
+    try:
+        return local_copy(location, ctx.work_dir / "model", ctx.settings)
+    except StorageError as exc:
+        raise ModelLoadError(f"cannot download the model file {location}: {exc}") from exc
 
 
 def _stage_dataset(ctx: JobContext, request: AdaptationCreate) -> StagedImages:

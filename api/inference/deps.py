@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from pathlib import Path
 from typing import Annotated, Any
@@ -12,7 +11,7 @@ from fastapi import Depends, Request
 from api.inference.predictor import Predictor
 from services.config import Settings
 from services.errors import InvalidRequest, ObjectNotFound
-from services.storage.object_store import ObjectStore, make_s3_client, open_store
+from services.storage.object_store import ObjectStore, local_copy, make_s3_client, open_store
 from services.storage.uri import S3URI, parse_uri
 
 
@@ -58,19 +57,8 @@ class ImageReader:
         Local paths and `file://` URIs are returned as they are; the routes accept them only in
         the embedded mode.
         """
-        if "://" not in location:
-            return location
-        parsed = parse_uri(location)
-        if not isinstance(parsed, S3URI):
-            return str(parsed.path)
-        digest = hashlib.sha256(location.encode()).hexdigest()[:16]
-        target = folder / digest / (parsed.prefix.rsplit("/", 1)[-1] or "model")
-        if not target.is_file():
-            store, key = self.open(location)
-            if not key:
-                raise ObjectNotFound(location)
-            store.download_file(key, target)
-        return str(target)
+        client = self.client() if location.startswith("s3://") else None
+        return local_copy(location, folder, self.settings, client=client)
 
 
 def get_predictor(request: Request) -> Predictor:

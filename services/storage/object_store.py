@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from services.config import Settings
-from services.errors import InvalidRequest
+from services.errors import InvalidRequest, ObjectNotFound
 from services.storage.base import ObjectInfo, ObjectStore
 from services.storage.local import LocalObjectStore
 from services.storage.s3 import S3ObjectStore, make_s3_client
@@ -38,6 +39,27 @@ def open_store(
         return _open_local(parsed.path, create=create)
     s3 = client if client is not None else make_s3_client(settings.storage)
     return S3ObjectStore(s3, parsed.bucket, page_size=settings.limits.list_page_size), parsed.prefix
+
+
+def local_copy(location: str, folder: Path, settings: Settings, *, client: Any | None = None) -> str:
+    """A local path for a file named by a path, a `file://` URI or an `s3://` URI.
+
+    An `s3://` object is downloaded once, into `folder/<hash of the URI>/<its name>` (the name
+    keeps its suffix, which loaders read); local files are returned where they are.
+    """
+    if "://" not in location:
+        return location
+    parsed = parse_uri(location)
+    if isinstance(parsed, FileURI):
+        return str(parsed.path)
+    digest = hashlib.sha256(location.encode()).hexdigest()[:16]
+    target = folder / digest / (parsed.prefix.rsplit("/", 1)[-1] or "file")
+    if not target.is_file():
+        if not parsed.prefix:
+            raise ObjectNotFound(location)
+        store, key = open_store(parsed, settings, client=client)
+        store.download_file(key, target)
+    return str(target)
 
 
 def _open_local(path: Path, *, create: bool) -> tuple[ObjectStore, str]:

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.shapes import CLASS_NAMES, iter_domain
+from bench.shapes import CLASS_NAMES, iter_domain, png_bytes
 from client.cli import EXIT_JOB_FAILED, EXIT_OK, EXIT_REFUSED
 from client.http import MustClient, NotFound, Unauthorized
-from tests.stack import Stack, png
+from tests.stack import Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -51,7 +51,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for i, (image, _) in enumerate(iter_domain("target", 16, seed=5)):
         sub = folder / ("a" if i % 2 else "b")
         sub.mkdir(exist_ok=True)
-        (sub / f"img-{i:02d}.png").write_bytes(png(image))
+        (sub / f"img-{i:02d}.png").write_bytes(png_bytes(image))
     (folder / "README.txt").write_text("not an image")
     return folder
 

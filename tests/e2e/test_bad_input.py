@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from bench.shapes import CLASS_NAMES, iter_domain
-from tests.stack import Stack, png
+from bench.shapes import CLASS_NAMES, iter_domain, png_bytes
+from tests.stack import Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -74,7 +74,7 @@ def test_prefix_of_only_corrupt_and_non_image_files_fails_the_job_saying_so(
     stack: Stack, body: dict[str, Any]
 ) -> None:
     stack.put("bad-input/junk/a.png", b"not a png at all")
-    stack.put("bad-input/junk/b.jpg", png(next(iter_domain("target", 1, seed=1))[0])[:40])
+    stack.put("bad-input/junk/b.jpg", png_bytes(next(iter_domain("target", 1, seed=1))[0])[:40])
     stack.put("bad-input/junk/c.txt", b"text")
 
     job = _failed(stack, body | {"dataset": {"uri": stack.uri("bad-input/junk/")}})
@@ -96,7 +96,7 @@ def test_predict_for_unknown_unfinished_or_non_image_input_is_4xx(stack: Stack, 
         queued = http.post(
             "/adaptations", json=body | {"hparams": {"total_steps": 500, "batch_size": 4}}
         ).json()
-    image = ("files", ("x.png", png(next(iter_domain("target", 1, seed=2))[0]), "image/png"))
+    image = ("files", ("x.png", png_bytes(next(iter_domain("target", 1, seed=2))[0]), "image/png"))
     with stack.inference() as http:
         unknown = http.post("/predict", data={"adaptation_id": str(uuid.uuid4())}, files=[image])
         unfinished = http.post("/predict", data={"adaptation_id": queued["id"]}, files=[image])

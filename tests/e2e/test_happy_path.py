@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from bench.shapes import CLASS_NAMES, iter_domain
+from bench.shapes import CLASS_NAMES, iter_domain, png_bytes
 from bench.tiny_clip import TARGET_TEST_SEED, TINY_CLIP_HPARAMS
-from tests.stack import Stack, png
+from tests.stack import Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -85,7 +85,7 @@ def test_adapt_from_s3_then_predict_better_than_zero_shot(stack: Stack) -> None:
     assert metrics["items"], metrics
 
     labelled = iter_domain("target", TEST_IMAGES, seed=TARGET_TEST_SEED)
-    held_out = [(png(image), label) for image, label in labelled]
+    held_out = [(png_bytes(image), label) for image, label in labelled]
     adapted = _top1(stack, {"adaptation_id": job_id}, held_out)
     zero_shot_fields = {"model": json.dumps(model), "class_names": ",".join(CLASS_NAMES)}
     zero_shot = _top1(stack, zero_shot_fields | {"templates": json.dumps(TEMPLATES)}, held_out)

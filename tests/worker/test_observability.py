@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from services.config import Settings
 from services.jobs import repository
 from services.jobs.states import TERMINAL_STATUSES, JobStatus
-from services.launcher import REPO_ROOT, free_port
+from services.launcher import REPO_ROOT, free_port, stop_process
 from services.must.trainer import StepMetrics
 from tests.worker.conftest import create_job, tiny_request
 from worker import metrics
@@ -184,12 +184,7 @@ def worker(
         _wait_for(lambda: " ready." in stderr_path.read_text(), 120, "the worker did not get ready", handle)
         yield handle
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from services.db.migrate import upgrade
 from services.db.session import make_engine, make_session_factory
 from services.jobs import repository
 from services.jobs.states import TERMINAL_STATUSES, JobStatus
+from services.launcher import stop_process
 from tests.worker.conftest import create_job, tiny_request
 from worker.celery_app import GPU_QUEUE, TRAIN_TASK, make_celery
 
@@ -58,15 +58,6 @@ def _start_worker(settings: Settings, tmp_path: Path) -> tuple[subprocess.Popen[
     return proc, log_path
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def test_worker_process_runs_a_queued_job(broker: str, sqlite_url: str, tmp_path: Path) -> None:
     settings = Settings(
         database=DatabaseSettings(url=sqlite_url),
@@ -92,7 +83,7 @@ def test_worker_process_runs_a_queued_job(broker: str, sqlite_url: str, tmp_path
                 break
             time.sleep(0.5)
     finally:
-        _stop(proc)
+        stop_process(proc)
         engine.dispose()
     log_tail = log_path.read_text(errors="replace")[-3000:]
     assert job.status == JobStatus.SUCCEEDED, f"{job.status} {job.error_message}\n{log_tail}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,13 +60,6 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> tuple[Export, Export]:
     """Two versions of an adapted classifier (built once for all inference tests)."""
     root = tmp_path_factory.mktemp("exports")
     return _export(root / "v1", 1.0), _export(root / "v2", 0.5)
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    """The image encoded as PNG."""
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="package")

@@ -9,7 +9,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
-from tests.api.inference.conftest import png_bytes, queued_job
+from bench.shapes import png_bytes
+from tests.api.inference.conftest import queued_job
 
 
 def test_unknown_adaptation_is_404(client: TestClient) -> None:

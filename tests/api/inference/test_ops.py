@@ -7,10 +7,11 @@ from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.inference.main import ServingOptions, create_app
+from bench.shapes import png_bytes
 from services.config import Settings
 from services.storage.s3 import S3ObjectStore
 from tests.api.common.test_metrics import requests, scrape
-from tests.api.inference.conftest import Export, png_bytes, succeeded_job
+from tests.api.inference.conftest import Export, succeeded_job
 
 KEY = "inference-key-0123456789"
 

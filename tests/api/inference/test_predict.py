@@ -16,7 +16,7 @@ from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.inference.main import ServingOptions, create_app
-from bench.shapes import CLASS_NAMES
+from bench.shapes import CLASS_NAMES, png_bytes
 from bench.tiny_clip import CHECKPOINT_PATH, CONFIG_PATH
 from services.config import Settings
 from services.must.export import load_classifier
@@ -26,7 +26,6 @@ from tests.api.inference.conftest import (
     Export,
     as_dict,
     by_label,
-    png_bytes,
     republish,
     succeeded_job,
 )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -13,21 +12,16 @@ import uvicorn
 from PIL import Image
 
 from api.inference.main import ServingOptions, create_app
+from bench.shapes import png_bytes
 from bench.tiny_clip import CHECKPOINT_PATH, CONFIG_PATH
 from services.config import Settings
-from tests.api.inference.conftest import png_bytes
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from services.launcher import free_port
 
 
 @pytest.fixture
 def server_url(settings: Settings, options: ServingOptions) -> Iterator[str]:
     """The base URL of the inference app served by uvicorn in a background thread."""
-    port = _free_port()
+    port = free_port()
     config = uvicorn.Config(
         create_app(settings, options=options), host="127.0.0.1", port=port, log_level="warning"
     )

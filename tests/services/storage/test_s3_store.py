@@ -13,7 +13,7 @@ import pytest
 from services.config import Settings, StorageSettings
 from services.errors import BucketNotFound, InvalidRequest, ObjectNotFound, ObjectTooLarge
 from services.storage import keys
-from services.storage.object_store import S3ObjectStore, make_s3_client, open_store, publish
+from services.storage.object_store import S3ObjectStore, local_copy, make_s3_client, open_store, publish
 
 
 def _count_calls(client: Any) -> Counter[str]:
@@ -150,3 +150,23 @@ def test_open_store_for_s3(s3_client: Any, bucket: str) -> None:
     store, prefix = open_store(f"s3://{bucket}/datasets/cats/", Settings(), client=s3_client)
     assert isinstance(store, S3ObjectStore)
     assert (store.bucket, prefix) == (bucket, "datasets/cats/")
+
+
+def test_local_copy_downloads_an_s3_file_once_and_passes_local_paths_through(
+    s3_client: Any, bucket: str, tmp_path: Path
+) -> None:
+    s3_client.put_object(Bucket=bucket, Key="models/tiny/weights.safetensors", Body=b"weights")
+    uri = f"s3://{bucket}/models/tiny/weights.safetensors"
+    calls = _count_calls(s3_client)
+
+    first = local_copy(uri, tmp_path / "cache", Settings(), client=s3_client)
+    again = local_copy(uri, tmp_path / "cache", Settings(), client=s3_client)
+
+    assert first == again
+    assert Path(first).name == "weights.safetensors"
+    assert Path(first).read_bytes() == b"weights"
+    assert calls["GetObject"] == 1
+    assert local_copy("/models/w.pt", tmp_path, Settings()) == "/models/w.pt"
+    assert local_copy((tmp_path / "w.pt").as_uri(), tmp_path, Settings()) == str(tmp_path / "w.pt")
+    with pytest.raises(ObjectNotFound):
+        local_copy(f"s3://{bucket}/models/missing.pt", tmp_path / "cache", Settings(), client=s3_client)
