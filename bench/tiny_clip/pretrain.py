@@ -1,6 +1,6 @@
 """Pretrain the tiny CLIP used by the tests, the demo and the adaptation bench.
 
-    .venv/bin/python -m bench.tiny_clip.pretrain [--steps 1200] [--out bench/tiny_clip/tiny_clip.safetensors]
+    .venv/bin/python -m bench.tiny_clip.pretrain [--steps 1200] [--device cpu] [--out PATH]
 
 Contrastive image-caption pretraining on the SOURCE domain of `bench.shapes` only; the TARGET
 domain is never seen, which is what leaves the zero-shot gap MUST has to close. Captions are
@@ -79,6 +79,7 @@ def multi_positive_loss(img: torch.Tensor, txt: torch.Tensor, labels: torch.Tens
 
 @torch.no_grad()
 def zero_shot_top1(model: open_clip.CLIP, domain: str, count: int, seed: int) -> float:
+    device = next(model.parameters()).device
     tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=model.context_length)
     head = open_clip.build_zero_shot_classifier(
         model, tokenizer, CLASS_NAMES, SIMPLE_IMAGENET_TEMPLATES, num_classes_per_batch=None
@@ -87,8 +88,8 @@ def zero_shot_top1(model: open_clip.CLIP, domain: str, count: int, seed: int) ->
     correct = 0
     for start in range(0, count, 250):
         batch = [sample(domain, i, seed) for i in range(start, min(count, start + 250))]
-        feats = model.encode_image(to_tensor([im for im, _ in batch]), normalize=True)
-        pred = (feats @ head).argmax(1)
+        feats = model.encode_image(to_tensor([im for im, _ in batch]).to(device), normalize=True)
+        pred = (feats @ head).argmax(1).cpu()
         correct += int((pred == torch.tensor([lbl for _, lbl in batch])).sum())
     model.train()
     return 100.0 * correct / count
@@ -101,13 +102,15 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def pretrain(steps: int, batch: int, lr: float, seed: int, log_every: int) -> open_clip.CLIP:
+def pretrain(
+    steps: int, batch: int, lr: float, seed: int, log_every: int, device: str = "cpu"
+) -> open_clip.CLIP:
     torch.manual_seed(seed)
     random.seed(seed)
-    model = build_model()
+    model = build_model().to(device)
     tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=model.context_length)
     captions = [[t(c) for t in OPENAI_IMAGENET_TEMPLATES] for c in CLASS_NAMES]
-    tokens = torch.stack([tokenizer(caps) for caps in captions])  # [classes, templates, ctx]
+    tokens = torch.stack([tokenizer(caps) for caps in captions]).to(device)  # [classes, templates, ctx]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
     rng = random.Random(seed)
     start = time.time()
@@ -116,9 +119,11 @@ def pretrain(steps: int, batch: int, lr: float, seed: int, log_every: int) -> op
             group["lr"] = lr_at(step, steps, lr, warmup=min(100, steps // 10))
         images, labels = zip(*(sample("source", step * batch + i, seed) for i in range(batch)), strict=True)
         images = tuple(augment(im, rng) for im in images)
-        labels_t = torch.tensor(labels)
-        template_idx = torch.tensor([rng.randrange(len(OPENAI_IMAGENET_TEMPLATES)) for _ in labels])
-        img = model.encode_image(to_tensor(list(images)), normalize=True)
+        labels_t = torch.tensor(labels, device=device)
+        template_idx = torch.tensor(
+            [rng.randrange(len(OPENAI_IMAGENET_TEMPLATES)) for _ in labels], device=device
+        )
+        img = model.encode_image(to_tensor(list(images)).to(device), normalize=True)
         txt = model.encode_text(tokens[labels_t, template_idx], normalize=True)
         loss = multi_positive_loss(img, txt, labels_t, model.logit_scale.exp().clamp(max=100))
         opt.zero_grad(set_to_none=True)
@@ -132,7 +137,7 @@ def pretrain(steps: int, batch: int, lr: float, seed: int, log_every: int) -> op
 
 def save_checkpoint(model: open_clip.CLIP, path: Path) -> None:
     """fp16 storage halves the file; the engine loads it back as fp32."""
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata={"format": "open_clip", "config": CONFIG_PATH.name})
 
 
@@ -145,10 +150,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument(
+        "--device", default="cpu", help="the committed checkpoint was made on cpu; cuda gives a close one"
+    )
     parser.add_argument("--out", type=Path, default=CHECKPOINT_PATH)
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    model = pretrain(args.steps, args.batch, args.lr, args.seed, args.log_every)
+    model = pretrain(args.steps, args.batch, args.lr, args.seed, args.log_every, device=args.device)
     save_checkpoint(model, args.out)
     print(f"source zero-shot top-1 {zero_shot_top1(model, 'source', 1000, seed=123):.1f}")
     print(f"target zero-shot top-1 {zero_shot_top1(model, 'target', 1000, seed=123):.1f}")

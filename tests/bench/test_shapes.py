@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 
-from bench.shapes import CLASS_NAMES, iter_domain, sample, write_folder
+from bench.shapes import CANVAS, CLASS_NAMES, TargetStyle, _geometry, iter_domain, sample, write_folder
 
 
 @pytest.mark.parametrize("domain", ["source", "target"])
@@ -33,6 +35,22 @@ def test_target_is_noisier_than_source() -> None:
         return float(np.mean([np.abs(np.diff(im, axis=1)).mean() for im in images]))
 
     assert roughness("target") > 1.5 * roughness("source")
+
+
+def test_target_shapes_are_close_ups_that_may_cross_the_border() -> None:
+    """SOURCE shapes stay whole inside the frame; TARGET shapes are bigger and may reach past it."""
+    rng = random.Random(0)
+    source = [_geometry(rng) for _ in range(500)]
+    style = TargetStyle()
+    target = [_geometry(rng, style.radius, style.overhang) for _ in range(500)]
+
+    def overhang(geom: tuple[float, float, float, float]) -> float:
+        cx, cy, r, _ = geom
+        return max(-(cx - r), cx + r - CANVAS, -(cy - r), cy + r - CANVAS) / r
+
+    assert max(overhang(g) for g in source) <= 0.0
+    assert max(r for *_, r, _ in source) <= min(r for *_, r, _ in target) + 1e-9
+    assert 0.0 < max(overhang(g) for g in target) <= style.overhang + 1e-9
 
 
 def test_unknown_domain_is_refused() -> None:
