@@ -155,7 +155,6 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=CHECKPOINT_PATH)
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model = pretrain(args.steps, args.batch, args.lr, args.seed, args.log_every, device=args.device)
     save_checkpoint(model, args.out)
     print(f"source zero-shot top-1 {zero_shot_top1(model, 'source', 1000, seed=123):.1f}")
