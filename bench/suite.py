@@ -84,6 +84,15 @@ CASES: tuple[Case, ...] = (
 )
 
 
+# Each is the defaults with one part of MUST changed, run on the chosen cases with --ablations.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "self-training only": {"fairness_weight": 0.0, "mim_weight": 0.0, "align_weight": 0.0, "mask_ratio": 0.0},
+    "without fairness": {"fairness_weight": 0.0},
+    "fairness over one batch": {"fairness_samples": 1},
+    "reference views": {"strong_crop_min": 0.3, "rand_augment": "rand-n2-m9-mstd0.5-inc1", "hflip": True},
+}
+
+
 @dataclass
 class Result:
     case: Case
@@ -94,6 +103,7 @@ class Result:
     served_name: str
     seconds: float
     notes: dict[str, Any]
+    ablation: str | None = None
 
     @property
     def gain(self) -> float:
@@ -102,6 +112,7 @@ class Result:
     def to_dict(self) -> dict[str, Any]:
         return {
             "case": self.case.name,
+            **({"ablation": self.ablation} if self.ablation else {}),
             "role": self.case.role,
             "model": self.case.model,
             "shift": self.case.shift,
@@ -198,14 +209,15 @@ def _print(results: list[Result]) -> None:
     print(f"\n{head} {'served':>7} {'(which)':<14} {'gain':>6} {'min':>6}")
     for r in results:
         c = r.case
+        name = f"{c.name} [{r.ablation}]" if r.ablation else c.name
         print(
-            f"{c.name:<22} {c.role:<8} {len(c.class_names):>4} {c.train_images:>6} {r.zero_shot:>9.1f} "
+            f"{name:<22} {c.role:<8} {len(c.class_names):>4} {c.train_images:>6} {r.zero_shot:>9.1f} "
             f"{r.teacher:>8.1f} {r.student:>8.1f} {r.served:>7.1f} {r.served_name:<14} {r.gain:>+6.1f} "
             f"{r.seconds / 60:>6.1f}"
         )
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -217,39 +229,62 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, help="smoke runs: fewer unlabeled images per case")
     parser.add_argument("--steps", type=int, help="smoke runs: fewer steps (overrides the default schedule)")
     parser.add_argument(
-        "--hparams", type=json.loads, default={}, help="ablations only: overrides of the defaults (JSON)"
+        "--hparams", type=json.loads, default={}, help="development only: overrides of the defaults (JSON)"
+    )
+    parser.add_argument(
+        "--ablations", action="store_true", help=f"also run each ablation: {', '.join(ABLATIONS)}"
     )
     parser.add_argument("--dump", type=Path, help="write each case's guard-sample outputs here (guard study)")
-    args = parser.parse_args()
-    cases = [
+    return parser
+
+
+def _selected(args: argparse.Namespace) -> list[Case]:
+    chosen = [
         c
         for c in CASES
         if (not args.cases or c.name in args.cases) and (not args.role or c.role == args.role)
     ]
+    if args.train_images:
+        chosen = [Case(**{**c.__dict__, "train_images": args.train_images}) for c in chosen]
+    return chosen
+
+
+def _summary(results: list[Result], seconds: float, overrides: dict[str, Any]) -> dict[str, Any]:
+    headline = [r for r in results if r.ablation is None]
+    gains = [r.gain for r in headline]
+    return {
+        "cases": [r.to_dict() for r in headline],
+        "mean_gain_served": round(sum(gains) / len(gains), 2) if gains else None,
+        "min_gain_served": round(min(gains), 2) if gains else None,
+        "seconds": round(seconds, 1),
+        "hparams": overrides,
+        "ablations": [r.to_dict() for r in results if r.ablation is not None],
+    }
+
+
+def main() -> None:
+    args = _parser().parse_args()
     overrides = dict(args.hparams)
     if args.steps:
         overrides |= {"total_steps": args.steps, "guard_images": 64}
-    config = MustConfig.from_dict(overrides) if overrides else None
     if overrides:
-        print(f"NOT THE DEFAULTS (smoke run or ablation): {overrides}", file=sys.stderr)
+        print(f"NOT THE DEFAULTS (smoke run or development): {overrides}", file=sys.stderr)
+    runs = [(None, overrides)]
+    if args.ablations:
+        runs += [(name, {**overrides, **changes}) for name, changes in ABLATIONS.items()]
     began = time.perf_counter()
     results = []
     with tempfile.TemporaryDirectory(prefix="must-suite-") as tmp:
-        for case in cases:
-            if args.train_images:
-                case = Case(**{**case.__dict__, "train_images": args.train_images})
-            results.append(run_case(case, Path(tmp), args.test_images, config, args.dump))
-            print(json.dumps(results[-1].to_dict()), flush=True)
+        for case in _selected(args):
+            for ablation, values in runs:
+                config = MustConfig.from_dict(values) if values else None
+                work = Path(tmp) / (ablation or "defaults").replace(" ", "-")
+                result = run_case(case, work, args.test_images, config, args.dump if not ablation else None)
+                result.ablation = ablation
+                results.append(result)
+                print(json.dumps(result.to_dict()), flush=True)
     _print(results)
-    gains = [r.gain for r in results]
-    summary = {
-        "cases": [r.to_dict() for r in results],
-        "mean_gain_served": round(sum(gains) / len(gains), 2) if gains else None,
-        "min_gain_served": round(min(gains), 2) if gains else None,
-        "seconds": round(time.perf_counter() - began, 1),
-        "hparams": overrides,
-    }
-    print(json.dumps(summary))
+    print(json.dumps(_summary(results, time.perf_counter() - began, overrides)))
 
 
 if __name__ == "__main__":

@@ -142,3 +142,29 @@ def test_precision_reaches_the_training_step(
     assert all(torch.isfinite(torch.tensor(list(m.losses.values()))).all() for m in seen)
     assert dtypes
     assert set(dtypes) == {tower_dtype}
+
+
+def test_a_resumed_run_keeps_the_views_its_checkpoint_trained_with(
+    micro_clip: ModelSpec, images: Path, tmp_path: Path
+) -> None:
+    from services.must.adapt import list_images, start
+
+    chosen = {"strong_crop_min": 0.5, "rand_augment": "rand-n2-m7-mstd0.5-inc1", "hflip": False}
+    adapt(images, CLASSES, out_dir=tmp_path, model=micro_clip, config=_config(total_steps=2, **chosen))
+    paths, _ = list_images(images)
+
+    fresh = start(paths, CLASSES, model=micro_clip, config=_config(total_steps=4), device="cpu")
+    resumed = start(
+        paths,
+        CLASSES,
+        model=micro_clip,
+        config=_config(total_steps=4),
+        device="cpu",
+        checkpoint_dir=tmp_path / "checkpoints",
+    )
+
+    assert fresh.views is not None  # fitted: the config left the views to the job
+    assert (fresh.config.strong_crop_min, fresh.config.rand_augment) != (0.5, chosen["rand_augment"])
+    assert resumed.config.strong_crop_min == 0.5
+    assert resumed.config.rand_augment == chosen["rand_augment"]
+    assert resumed.config.hflip is False
