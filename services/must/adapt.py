@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from services.must.calibration import choose_threshold
+from services.must.calibration import choose_threshold, teacher_confidence
 from services.must.checkpoint import read_latest
 from services.must.classifier import validate_class_names, validate_templates
 from services.must.config import MustConfig, resolve
@@ -51,7 +51,6 @@ from services.must.views import (
     PathViews,
     ViewFit,
     ViewFitter,
-    autocast_or_not,
     fit_views,
     sample_paths,
     seeded_batches,
@@ -148,12 +147,9 @@ def calibrate(
     if cfg.threshold_mode == "fixed":
         return choose_threshold(torch.zeros(1), torch.zeros(1, dtype=torch.long), k, cfg)
     views = _WeakView(weak_transform(prepared.clip.preprocess))
-    network, dtype = prepared.network.eval(), autocast_dtype(cfg.precision, device)
-    probs = []
-    for weak in _batches(sample_paths(paths, CALIBRATION_IMAGES), views, cfg, device):
-        with autocast_or_not(device, dtype):
-            probs.append(network(weak.to(device)).softmax(-1).cpu())
-    conf, pred = torch.cat(probs).max(dim=1)
+    batches = _batches(sample_paths(paths, CALIBRATION_IMAGES), views, cfg, device)
+    dtype = autocast_dtype(cfg.precision, device)
+    conf, pred = teacher_confidence(prepared.network, batches, device, dtype)
     return choose_threshold(conf, pred, k, cfg)
 
 
