@@ -63,3 +63,7 @@ class ObjectTooLarge(StorageError):
         seen = f" ({size} bytes)" if size is not None else ""
         super().__init__(f"object {uri!r}{seen} is larger than the {limit}-byte read limit")
         self.uri, self.limit, self.size = uri, limit, size
+
+
+class RequestTooLarge(DomainError):
+    """The request is over a size limit (body bytes, files, pixels) and was not processed."""

@@ -25,6 +25,7 @@ from services.errors import (
     JobNotFound,
     ObjectNotFound,
     ObjectTooLarge,
+    RequestTooLarge,
     StorageError,
 )
 
@@ -42,6 +43,7 @@ STATUS_BY_ERROR: dict[type[DomainError], HTTPStatus] = {
     ObjectNotFound: HTTPStatus.NOT_FOUND,
     InvalidJobTransition: HTTPStatus.CONFLICT,
     ObjectTooLarge: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+    RequestTooLarge: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
     InvalidRequest: HTTPStatus.UNPROCESSABLE_ENTITY,
     # A bucket named in a request (a dataset, a checkpoint) that does not exist is the caller's to fix.
     BucketNotFound: HTTPStatus.UNPROCESSABLE_ENTITY,

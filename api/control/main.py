@@ -103,7 +103,7 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
     app.state.store_opener = opener
     app.state.readiness_checks = _readiness_checks(settings, engine, opener)
     register_exception_handlers(app)
-    install_auth(app)
+    install_auth(app, app.state.session_factory)
     metrics.install_metrics(app, session_factory=app.state.session_factory)
     app.include_router(health.router)
     app.include_router(metrics.router, dependencies=[API_KEY])

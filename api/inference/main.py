@@ -123,7 +123,7 @@ def create_app(
         "artifacts_store": lambda: app.state.artifacts[0].check_access(),
     }
     register_inference_errors(app)
-    install_auth(app)
+    install_auth(app, app.state.session_factory)
     metrics.install_metrics(app)
     app.include_router(health.router)
     app.include_router(metrics.router, dependencies=[API_KEY])
