@@ -23,9 +23,10 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.config import Settings
-from services.errors import InvalidJobTransition, JobNotFound, ObjectNotFound, StorageError
+from services.errors import InvalidJobTransition, InvalidRequest, JobNotFound, ObjectNotFound, StorageError
 from services.jobs import repository
 from services.jobs.states import JobPhase
+from services.locations import check_request_locations
 from services.must.adapt import Adaptation, default_device, start
 from services.must.checkpoint import LATEST, CheckpointFiles, read_latest
 from services.must.config import MustConfig
@@ -94,12 +95,18 @@ def _read_request(ctx: JobContext) -> AdaptationCreate:
     with ctx.session_factory() as session:
         request = repository.get_job(session, ctx.job_id).request
     try:
-        return AdaptationCreate.model_validate(request)
+        checked = AdaptationCreate.model_validate(request)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(part) for part in err['loc']) or 'request'}: {err['msg']}" for err in exc.errors()
         )
         raise ConfigError(f"the job's request is invalid: {problems}") from exc
+    try:
+        # Again here, with this worker's settings: nothing a request names may open the worker's files.
+        check_request_locations(checked, ctx.settings)
+    except InvalidRequest as exc:
+        raise ConfigError(f"the job's request is invalid: {exc.message}") from exc
+    return checked
 
 
 def _local_model_file(location: str | None, ctx: JobContext) -> str | None:
@@ -140,6 +147,8 @@ def _start(ctx: JobContext, request: AdaptationCreate, staged: StagedImages) -> 
         pretrained=model.pretrained,
         checkpoint=_local_model_file(model.checkpoint, ctx),
         config=_local_model_file(model.config, ctx),
+        allow_download=ctx.settings.models.allow_downloads,
+        download_timeout=ctx.settings.models.download_timeout_seconds,
     )
     return start(
         staged.paths,
