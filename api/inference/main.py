@@ -81,6 +81,7 @@ def _build_predictor(app: FastAPI, options: ServingOptions) -> Predictor:
         cache,
         max_image_bytes=settings.limits.max_object_bytes,
         max_image_pixels=settings.limits.max_image_pixels,
+        max_request_pixels=settings.limits.max_request_pixels,
         max_batch=options.max_batch or default_max_batch(device),
         max_wait_s=options.max_wait_s,
         preprocess_workers=options.preprocess_workers,

@@ -23,15 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.inference.errors import AdaptationNotReady, ImageRejected, WeightsNotAvailable
+from api.inference.memory import release_freed_memory
 from api.inference.pixels import PixelSteps, normalize, pixel_steps, to_uint8
-from services.errors import ArtifactMissing, InvalidRequest, JobNotFound
+from services.errors import ArtifactMissing, InvalidRequest, JobNotFound, RequestTooLarge
 from services.jobs import repository
 from services.jobs.states import JobStatus
 from services.must.classifier import validate_class_names, validate_templates
-from services.must.data import ImageLoadError, decode_image
+from services.must.data import ImageLoadError, decode_image, image_size
 from services.must.errors import CheckpointError, MustError, WeightsUnavailable
 from services.must.export import MANIFEST, WEIGHTS, load_classifier, read_manifest
 from services.must.inference import ImageClassifier
@@ -42,6 +44,9 @@ from services.storage.keys import classifier_manifest_key, classifier_weights_ke
 log = logging.getLogger(__name__)
 
 Forward = Callable[[ImageClassifier, torch.Tensor], torch.Tensor]
+# Requests whose images hold this many pixels give the memory of their decodes back afterwards
+# (a 2000x2000 image decodes to 12 MB; smaller ones are served from memory glibc keeps anyway).
+TRIM_AFTER_PIXELS = 4_000_000
 # Threads that load models: this many slow loads (downloads) at once before further loads queue.
 LOAD_THREADS = 8
 
@@ -412,6 +417,12 @@ class MicroBatcher:
             start = stop
 
 
+def _input_side(classifier: ImageClassifier) -> int:
+    """The longer side of the classifier's input images (what uploads are resized to)."""
+    size = classifier.preprocess_cfg.size
+    return int(size) if isinstance(size, int) else int(max(size))
+
+
 def run_forward(classifier: ImageClassifier, pixels: torch.Tensor) -> torch.Tensor:
     """One forward pass of 8-bit or normalised pixels: class probabilities [B, K] on the CPU."""
     with torch.inference_mode():
@@ -427,6 +438,7 @@ class Predictor:
         *,
         max_image_bytes: int,
         max_image_pixels: int,
+        max_request_pixels: int = 100_000_000,
         max_batch: int = 32,
         max_wait_s: float = 0.005,
         preprocess_workers: int = 2,
@@ -434,6 +446,7 @@ class Predictor:
         self.cache = cache
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
+        self.max_request_pixels = max_request_pixels
         self.batcher = MicroBatcher(self.forward, max_batch=max_batch, max_wait_s=max_wait_s)
         self._pool = ThreadPoolExecutor(max_workers=preprocess_workers, thread_name_prefix="preprocess")
         # Zero-shot loads (and their weight downloads) get threads of their own: however slow, they
@@ -474,17 +487,44 @@ class Predictor:
         return await loop.run_in_executor(self._pool, self._preprocess, model, images)
 
     def _preprocess(self, model: ServedModel, images: Sequence[tuple[str, bytes]]) -> torch.Tensor:
-        decoded = []
-        for name, data in images:
-            try:
-                decoded.append(
-                    decode_image(data, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
-                )
-            except ImageLoadError as exc:
-                raise ImageRejected(name, exc.reason, str(exc)) from None
-        if model.pixels is None:
-            return model.classifier.preprocess(decoded)
-        return to_uint8(model.pixels, decoded)
+        """Pixels of every image, each decoded (reduced where it is large) and preprocessed in turn.
+
+        The pixel budget is checked on the headers before anything is decoded, and an image is
+        brought to the model's input size before the next one is decoded, so a request holds at
+        most one full-size image at a time. Memory freed by a large decode is handed back to
+        the system at the end.
+        """
+        pixels = self._check_pixel_budget(images)
+        side = _input_side(model.classifier)
+        decoded = (self._decode_one(name, data, side) for name, data in images)
+        try:
+            if model.pixels is None:
+                return torch.stack([model.classifier.preprocess([image])[0] for image in decoded])
+            return to_uint8(model.pixels, decoded)
+        finally:
+            if pixels >= TRIM_AFTER_PIXELS:
+                release_freed_memory()
+
+    def _decode_one(self, name: str, data: bytes, side: int) -> Image.Image:
+        try:
+            return decode_image(
+                data, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels, min_side=side
+            )
+        except ImageLoadError as exc:
+            raise ImageRejected(name, exc.reason, str(exc)) from None
+
+    def _check_pixel_budget(self, images: Sequence[tuple[str, bytes]]) -> int:
+        """The pixels the images' headers add up to; RequestTooLarge beyond what one request may hold."""
+        total = 0
+        for _, data in images:
+            size = image_size(data)
+            total += size[0] * size[1] if size else 0
+        if total > self.max_request_pixels:
+            raise RequestTooLarge(
+                f"the images of this request hold {total:,} pixels together; at most "
+                f"{self.max_request_pixels:,} (MUST_LIMITS__MAX_REQUEST_PIXELS): send fewer or smaller images"
+            )
+        return total
 
     async def predict(
         self, model: ServedModel, pixels: torch.Tensor, arrival: Arrival | None = None
