@@ -40,6 +40,10 @@ class StorageError(DomainError):
     """The object store failed or refused an operation."""
 
 
+class StorageUnavailable(StorageError):
+    """The object store could not be reached or answered with a server error: worth retrying later."""
+
+
 class BucketNotFound(StorageError):
     """The bucket (or local root folder) does not exist."""
 

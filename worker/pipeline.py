@@ -23,7 +23,15 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.config import Settings
-from services.errors import InvalidJobTransition, InvalidRequest, JobNotFound, ObjectNotFound, StorageError
+from services.errors import (
+    DomainError,
+    InvalidJobTransition,
+    InvalidRequest,
+    JobNotFound,
+    ObjectNotFound,
+    StorageError,
+    StorageUnavailable,
+)
 from services.jobs import repository
 from services.jobs.states import JobPhase
 from services.locations import check_request_locations
@@ -38,8 +46,10 @@ from services.schemas.jobs import AdaptationCreate
 from services.storage import keys
 from services.storage.base import ObjectStore
 from services.storage.object_store import local_copy, open_store, publish
+from services.storage.retrying import RetryingStore, retry_storage
 from worker.dataset import StagedImages, stage_images
 from worker.progress import keep_lease, make_cancel_check, make_progress_reporter
+from worker.store_care import prune_checkpoints, requeue_after_outage
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +124,12 @@ def _local_model_file(location: str | None, ctx: JobContext) -> str | None:
     if location is None:
         return None
     try:
-        return local_copy(location, ctx.work_dir / "model", ctx.settings)
+        return retry_storage(
+            lambda: local_copy(location, ctx.work_dir / "model", ctx.settings),
+            ctx.settings.worker.storage_retry_seconds,
+        )
+    except StorageUnavailable:
+        raise  # the store is away, the file may well be fine: the job goes back to the queue
     except StorageError as exc:
         raise ModelLoadError(f"cannot download the model file {location}: {exc}") from exc
 
@@ -218,6 +233,7 @@ def _publish_checkpoint(ctx: JobContext, files: CheckpointFiles, lost: threading
     with ctx.session_factory() as session:
         latest = ctx.store.uri(ctx.key(keys.latest_checkpoint_key(ctx.job_id)))
         repository.update_progress(session, ctx.job_id, owner=ctx.owner, checkpoint_uri=latest)
+    prune_checkpoints(ctx.store, ctx.store_prefix, ctx.job_id, ctx.settings.worker.keep_checkpoints)
 
 
 def _train(ctx: JobContext, run: Adaptation, lost: threading.Event) -> FitResult:
@@ -287,6 +303,15 @@ def _run(ctx: JobContext, lost: threading.Event) -> None:
     log.info("job %s succeeded: %s", ctx.job_id, artifact)
 
 
+def public_message(ctx: JobContext, exc: BaseException) -> str:
+    """What the job's error says to clients: the engine's or core's own message without the
+    worker's folders; for anything unexpected (a database error quoting its SQL, a library's
+    internals) only its type, the rest stays in the stored traceback and the worker's log."""
+    if isinstance(exc, MustError | DomainError):
+        return str(exc).replace(str(ctx.work_dir), "<job files>")
+    return f"internal error ({type(exc).__name__}); the worker's log has the details of job {ctx.job_id}"
+
+
 def _fail(ctx: JobContext, exc: BaseException, tb: str | None) -> None:
     """Record the failure; `tb` only for unexpected errors, where the stack is what helps."""
     with ctx.session_factory() as session:
@@ -294,7 +319,7 @@ def _fail(ctx: JobContext, exc: BaseException, tb: str | None) -> None:
             session,
             ctx.job_id,
             error_type=type(exc).__name__,
-            message=str(exc),
+            message=public_message(ctx, exc),
             traceback=tb,
             owner=ctx.owner,
         )
@@ -309,6 +334,18 @@ def _cancelled(ctx: JobContext, lost: threading.Event) -> None:
     with ctx.session_factory() as session:
         repository.mark_cancelled(session, ctx.job_id, owner=ctx.owner)
     log.info("job %s cancelled", ctx.job_id)
+
+
+def _requeue_or_fail(ctx: JobContext, lost: threading.Event, exc: StorageUnavailable) -> bool:
+    """After the store stayed away through the retries: back to the queue, or failed past the limit."""
+    if lost.is_set():
+        return False
+    if requeue_after_outage(
+        ctx.session_factory, ctx.job_id, owner=ctx.owner, settings=ctx.settings, reason=str(exc)
+    ):
+        return True
+    _fail(ctx, exc, None)
+    return False
 
 
 def _context(
@@ -326,7 +363,7 @@ def _context(
         settings=settings,
         session_factory=session_factory,
         work_dir=(work_dir or default_work_dir()) / job_id,
-        store=store,
+        store=RetryingStore(store, settings.worker.storage_retry_seconds),
         store_prefix=prefix,
         device=torch.device(device) if device is not None else default_device(),
     )
@@ -340,14 +377,15 @@ def run_training_job(
     device: torch.device | str | None = None,
     worker_id: str,
     work_dir: Path | None = None,
-) -> None:
+) -> bool:
     """Run one job to a terminal state; return quietly if another worker holds it or it is finished.
 
     Engine errors fail the job with their message; anything else also fails it (with the
-    traceback) and is re-raised for the task runner to log.
+    traceback) and is re-raised for the task runner to log. True means the object store stayed
+    unreachable and the job went back to the queue: the caller sends its message again.
     """
     if not _acquire(job_id, session_factory, settings, worker_id):
-        return
+        return False
     ctx = _context(job_id, session_factory, settings, device, worker_id, work_dir)
     worker = settings.worker
     lease = keep_lease(
@@ -362,6 +400,8 @@ def run_training_job(
             _run(ctx, lost)
         except Cancelled:
             _cancelled(ctx, lost)
+        except StorageUnavailable as exc:
+            return _requeue_or_fail(ctx, lost, exc)
         except MustError as exc:
             _fail(ctx, exc, None)
         except Exception as exc:
@@ -371,3 +411,4 @@ def run_training_job(
             # Checkpoints live in the artifacts store, so the local cache is only worth its disk space
             # until the job stops; a killed process never gets here and a resume reuses its downloads.
             shutil.rmtree(ctx.work_dir, ignore_errors=True)
+    return False

@@ -20,6 +20,7 @@ from sqlalchemy import Engine
 
 from api.common import health, metrics
 from api.common.auth import API_KEY, install_auth
+from api.common.limits import BodySizeLimit
 from api.inference import routes
 from api.inference.deps import ImageReader
 from api.inference.errors import register_inference_errors
@@ -125,6 +126,10 @@ def create_app(
     }
     register_inference_errors(app)
     install_auth(app, app.state.session_factory)
+    # Inside the metrics middleware, so the 413s it answers are counted too.
+    app.add_middleware(
+        BodySizeLimit, max_bytes=settings.limits.max_upload_bytes, setting="MUST_LIMITS__MAX_UPLOAD_BYTES"
+    )
     metrics.install_metrics(app)
     app.include_router(health.router)
     app.include_router(metrics.router, dependencies=[API_KEY])

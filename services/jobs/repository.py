@@ -274,6 +274,31 @@ def request_cancel(session: Session, job_id: str, *, tenant: str | None = None) 
     return job
 
 
+def queued_before(session: Session, cutoff: datetime) -> list[tuple[str, str | None]]:
+    """(id, task id) of the queued jobs whose message was last sent (or which were made) before `cutoff`."""
+    sent_before = or_(Job.enqueued_at < cutoff, Job.enqueued_at.is_(None) & (Job.created_at < cutoff))
+    stmt = select(Job.id, Job.celery_task_id).where(Job.status == JobStatus.QUEUED, sent_before)
+    return [(job_id, task_id) for job_id, task_id in session.execute(stmt.order_by(Job.created_at))]
+
+
+def claim_resend(session: Session, job_id: str, *, cutoff: datetime, now: datetime | None = None) -> bool:
+    """Mark a still-queued job's message as sent now, if nobody did since `cutoff`; True if this call won."""
+    sent_before = or_(Job.enqueued_at < cutoff, Job.enqueued_at.is_(None))
+    stmt = update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED, sent_before)
+    return _execute(session, stmt.values(enqueued_at=now or utcnow())) == 1
+
+
+def requeue_running(session: Session, job_id: str, *, owner: str, storage_outage: bool = False) -> bool:
+    """Give a running job held by `owner` back to the queue (to resume elsewhere); False if not held.
+
+    `storage_outage` counts the requeue in `storage_requeues` (the object store could not be reached).
+    """
+    values: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None, "attempts": Job.attempts + 1}
+    if storage_outage:
+        values["storage_requeues"] = Job.storage_requeues + 1
+    return _transition(session, job_id, JobStatus.QUEUED, values, guard=_owned_by(owner))
+
+
 def requeue_stale(session: Session, *, now: datetime | None = None) -> list[str]:
     """Put running jobs whose lease expired back in the queue (cancel those asked to stop)."""
     now = now or utcnow()
