@@ -13,8 +13,9 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.errors import (
     ArtifactMissing,
@@ -68,9 +69,17 @@ class FieldError(BaseModel):
 
 
 class ValidationErrorBody(BaseModel):
-    """The body of a 422 answer for a request that does not match the schema."""
+    """The body of a 422 answer: the fields that do not match the schema (a list), or, for a request
+    that matches it but cannot be accepted (a bucket that does not exist, a local file outside the
+    embedded mode), the reason as text with the error's name."""
 
-    detail: list[FieldError]
+    detail: list[FieldError] | str
+    error: str | None = None
+
+
+# What every route behind an API key can answer besides its own codes: no or a bad key, a body over
+# the size limit, an invalid request, and a key store (the database) that cannot be read.
+SECURED_ERRORS = (401, 413, 422, 503)
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -132,6 +141,27 @@ def _validation_error(request: Request, exc: RequestValidationError) -> JSONResp
     return JSONResponse(status_code=HTTPStatus.UNPROCESSABLE_ENTITY, content=content)
 
 
+def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors as they are, but a body that cannot be parsed at all (bytes that are not
+    UTF-8, a broken multipart body) is a 422 like any other invalid body, not a bare 400."""
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code != HTTPStatus.BAD_REQUEST:
+        return _default_http_error(exc)
+    error = {
+        "field": "body",
+        "msg": f"the request body cannot be parsed: {exc.detail}",
+        "type": "body_unparsable",
+    }
+    return JSONResponse(status_code=HTTPStatus.UNPROCESSABLE_ENTITY, content={"detail": [error]})
+
+
+def _default_http_error(exc: StarletteHTTPException) -> Response:
+    """FastAPI's default answer to an HTTPException (status, `detail`, headers), built synchronously."""
+    if exc.status_code in {HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED}:
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     content = {"detail": "internal server error; it was logged, please report it if it persists"}
@@ -142,4 +172,5 @@ def register_exception_handlers(app: FastAPI) -> None:
     """Install the handlers: domain errors, request validation errors, and a logged 500 for the rest."""
     app.exception_handler(DomainError)(_domain_error)
     app.exception_handler(RequestValidationError)(_validation_error)
+    app.exception_handler(StarletteHTTPException)(_http_error)
     app.exception_handler(Exception)(_unexpected)

@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 
 from api.common import health, metrics
 from api.common.auth import API_KEY, install_auth
-from api.common.errors import register_exception_handlers
+from api.common.errors import SECURED_ERRORS, error_responses, register_exception_handlers
 from api.common.limits import BodySizeLimit
 from api.control.deps import StoreOpener
 from api.control.queue import CeleryJobQueue, JobQueue
@@ -111,6 +111,6 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
     )
     metrics.install_metrics(app, session_factory=app.state.session_factory)
     app.include_router(health.router)
-    app.include_router(metrics.router, dependencies=[API_KEY])
-    app.include_router(adaptations.router, dependencies=[API_KEY])
+    app.include_router(metrics.router, dependencies=[API_KEY], responses=error_responses(*SECURED_ERRORS))
+    app.include_router(adaptations.router, dependencies=[API_KEY], responses=error_responses(*SECURED_ERRORS))
     return app

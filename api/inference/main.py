@@ -20,6 +20,7 @@ from sqlalchemy import Engine
 
 from api.common import health, metrics
 from api.common.auth import API_KEY, install_auth
+from api.common.errors import SECURED_ERRORS, error_responses
 from api.common.limits import BodySizeLimit
 from api.inference import routes
 from api.inference.deps import ImageReader
@@ -132,6 +133,6 @@ def create_app(
     )
     metrics.install_metrics(app)
     app.include_router(health.router)
-    app.include_router(metrics.router, dependencies=[API_KEY])
-    app.include_router(routes.router, dependencies=[API_KEY])
+    app.include_router(metrics.router, dependencies=[API_KEY], responses=error_responses(*SECURED_ERRORS))
+    app.include_router(routes.router, dependencies=[API_KEY], responses=error_responses(*SECURED_ERRORS))
     return app

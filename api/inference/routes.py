@@ -88,7 +88,7 @@ def _json_or(text: str, what: str) -> Any:
 
 def _spec(fields: ModelFields, settings: Settings) -> ModelSpec | None:
     values: Any = {key: getattr(fields, key) for key in _MODEL_KEYS}
-    if fields.model is not None:
+    if fields.model:  # an empty field is an absent one
         values = _json_or(fields.model, "model")
         if not isinstance(values, dict) or set(values) - set(_MODEL_KEYS):
             raise InvalidRequest(f"model must be a JSON object with keys among {', '.join(_MODEL_KEYS)}")

@@ -245,7 +245,16 @@ class AdaptationCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_CREATE_EXAMPLE]})
 
-    class_names: list[str] = Field(description=f"{MIN_CLASSES}..{MAX_CLASSES} unique, non-empty names")
+    class_names: list[str] = Field(
+        description=f"{MIN_CLASSES}..{MAX_CLASSES} unique, non-empty names",
+        # The rules check_class_names enforces, stated in the schema for clients and API fuzzers.
+        json_schema_extra={
+            "minItems": MIN_CLASSES,
+            "maxItems": MAX_CLASSES,
+            "uniqueItems": True,
+            "items": {"type": "string", "minLength": 1, "maxLength": MAX_CLASS_NAME_CHARS, "pattern": r"\S"},
+        },
+    )
     class_descriptions: dict[str, str] | None = Field(
         default=None, description="Extra prompt text per class name"
     )
