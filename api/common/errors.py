@@ -7,7 +7,9 @@ traceback and answers a generic 500 (the pattern of LitServe's `_handle_error_re
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
+from functools import lru_cache
 from http import HTTPStatus
 from typing import Any
 
@@ -145,6 +147,8 @@ def _http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own errors as they are, but a body that cannot be parsed at all (bytes that are not
     UTF-8, a broken multipart body) is a 422 like any other invalid body, not a bare 400."""
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == HTTPStatus.METHOD_NOT_ALLOWED:
+        return _method_not_allowed(request, exc)
     if exc.status_code != HTTPStatus.BAD_REQUEST:
         return _default_http_error(exc)
     error = {
@@ -153,6 +157,26 @@ def _http_error(request: Request, exc: Exception) -> Response:
         "type": "body_unparsable",
     }
     return JSONResponse(status_code=HTTPStatus.UNPROCESSABLE_ENTITY, content={"detail": [error]})
+
+
+def _method_not_allowed(request: Request, exc: StarletteHTTPException) -> Response:
+    """405 whose `Allow` lists every method the OpenAPI document gives the path (starlette names the
+    first matching route's only, so `OPTIONS /adaptations` said `Allow: POST` where GET is served too)."""
+    allowed = set()
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        if _template_regex(template).match(request.url.path):
+            allowed |= {method.upper() for method in operations}
+    headers = {"Allow": ", ".join(sorted(allowed))} if allowed else exc.headers
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+
+
+@lru_cache(maxsize=256)
+def _template_regex(template: str) -> re.Pattern[str]:
+    """`/adaptations/{adaptation_id}` as a regex matching one concrete path."""
+    parts = re.split(r"(\{[^/}]+\})", template)
+    return re.compile(
+        "^" + "".join("[^/]+" if part.startswith("{") else re.escape(part) for part in parts) + "$"
+    )
 
 
 def _default_http_error(exc: StarletteHTTPException) -> Response:

@@ -94,7 +94,14 @@ def _pg_database() -> Iterator[str]:
 
 
 def platform_env(
-    db_url: str, broker_url: str, bucket: str, endpoint: str, keys: dict[str, str], admin: str, root: Path
+    db_url: str,
+    broker_url: str,
+    bucket: str,
+    endpoint: str,
+    keys: dict[str, str],
+    admin: str,
+    root: Path,
+    storage_retry_seconds: float,
 ) -> dict[str, str]:
     """The settings every process of the bench's platform runs with."""
     return {
@@ -111,7 +118,7 @@ def platform_env(
         "MUST_WORKER__RECONCILE_EVERY_SECONDS": "1",
         "MUST_WORKER__PROGRESS_EVERY_SECONDS": "0.5",
         "MUST_WORKER__REQUEUE_QUEUED_AFTER_SECONDS": "8",
-        "MUST_WORKER__STORAGE_RETRY_SECONDS": "20",
+        "MUST_WORKER__STORAGE_RETRY_SECONDS": str(storage_retry_seconds),
         "MUST_WORKER__MAX_STORAGE_REQUEUES": "5",
         "MUST_METRICS__WORKER_PORT": "0",
         "TMPDIR": str(root / "work"),
@@ -119,7 +126,7 @@ def platform_env(
 
 
 @contextmanager
-def running_stack(root: Path, workers: int = 2) -> Iterator[Stack]:
+def running_stack(root: Path, *, workers: int = 2, storage_retry_seconds: float = 20) -> Iterator[Stack]:
     """Start everything; stop it all (and drop the database) when the block ends."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "work").mkdir(exist_ok=True)
@@ -135,7 +142,7 @@ def running_stack(root: Path, workers: int = 2) -> Iterator[Stack]:
         s3 = make_s3_client(StorageSettings(artifacts_uri="s3://must-artifacts", s3_endpoint_url=endpoint))
         bucket = f"faults-{uuid.uuid4().hex[:12]}"
         s3.create_bucket(Bucket=bucket)
-        env = platform_env(db_url, redis.url, bucket, proxy.url, keys, admin, root)
+        env = platform_env(db_url, redis.url, bucket, proxy.url, keys, admin, root, storage_retry_seconds)
         platform = Platform(env=env, log_dir=root / "logs", ready_timeout=240)
         stack.callback(platform.stop)
         platform.start_control_api()
