@@ -360,7 +360,7 @@ class AdaptationPublic(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [_PUBLIC_EXAMPLE]})
 
     id: str
-    tenant: str = Field(description="The project (API key owner) the job belongs to")
+    tenant: str = Field(default="default", description="The project (API key owner) the job belongs to")
     status: JobStatus
     phase: JobPhase | None = None
     created_at: datetime
