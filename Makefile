@@ -29,7 +29,7 @@ test-fast: setup
 	$(PY) -m pytest -m "not slow and not e2e"
 
 bench: setup
-	$(PY) -m bench.adaptation
+	$(PY) -m bench.suite
 
 pretrain: setup
 	$(PY) -m bench.tiny_clip.pretrain

@@ -3,8 +3,10 @@
 Starts the control API, a worker and the inference service on the embedded default (a SQLite
 file, the `filesystem://` broker and a local-folder object store, all under `.demo/`), puts the
 bundled target-domain images (seeded, so every run sees the same ones) in the store, submits an
-adaptation of the tiny CLIP and shows its progress, then scores held-out labelled images
-through `/predict`: the zero-shot baseline, then the adapted classifier.
+adaptation of the tiny CLIP with the platform's defaults (no hyperparameters, no templates:
+what a user's first job sends) and shows its progress and what the label-free guard chose to
+serve, then scores held-out labelled images through `/predict`: the zero-shot baseline, then
+the adaptation.
 """
 
 from __future__ import annotations
@@ -19,14 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from bench.shapes import CLASS_NAMES, iter_domain, png_bytes, write_folder
-from bench.tiny_clip import CHECKPOINT_PATH, CONFIG_PATH, TARGET_TEST_SEED, TINY_CLIP_HPARAMS
+from bench.tiny_clip import CHECKPOINT_PATH, CONFIG_PATH, TARGET_TEST_SEED
 from client.http import MustClient
-from client.progress import JobProgressBar
+from client.progress import JobProgressBar, describe_job
 from services.launcher import Platform
 
 DEMO_DIR = Path(".demo")
-TEMPLATES = ["a photo of a {}."]
-HPARAMS: dict[str, Any] = TINY_CLIP_HPARAMS | {"batch_size": 64, "lr": 1e-4, "seed": 0}
 BATCH = 100
 
 
@@ -61,17 +61,13 @@ def run(platform: Platform, dataset_uri: str, args: argparse.Namespace) -> float
     held_out = [(png_bytes(image), label) for image, label in labelled]
     with MustClient(platform.control_url, platform.inference_url, timeout=120) as client:
         zero_shot_fields = {"model": json.dumps(model), "class_names": ",".join(CLASS_NAMES)}
-        zero_shot = score(client, zero_shot_fields | {"templates": json.dumps(TEMPLATES)}, held_out)
+        zero_shot = score(client, zero_shot_fields, held_out)
         print(f"zero-shot target top-1 on {len(held_out)} held-out images: {zero_shot:.1f}%")
 
-        job = client.adapt(
-            dataset_uri,
-            CLASS_NAMES,
-            model=model,
-            templates=TEMPLATES,
-            hparams=HPARAMS | {"total_steps": args.steps},
-        )
-        print(f"submitted adaptation {job.id}: {args.steps} steps of MUST on {args.images} unlabeled images")
+        hparams: dict[str, Any] | None = {"total_steps": args.steps} if args.steps else None
+        job = client.adapt(dataset_uri, CLASS_NAMES, model=model, hparams=hparams)
+        schedule = f"{args.steps} steps" if args.steps else "the default schedule"
+        print(f"submitted adaptation {job.id}: MUST on {args.images} unlabeled images, {schedule}")
         started = time.perf_counter()
         with JobProgressBar() as bar:
             job = client.wait(job.id, poll_seconds=1.0, on_update=bar.update)
@@ -81,6 +77,7 @@ def run(platform: Platform, dataset_uri: str, args: argparse.Namespace) -> float
         print(
             f"adaptation succeeded in {time.perf_counter() - started:.0f} s; classifier at {job.artifact.uri}"
         )
+        print(describe_job(job))
 
         adapted = score(client, {"adaptation_id": job.id}, held_out)
         count = len(held_out)
@@ -98,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--images", type=int, default=2000, help="unlabeled target-domain images")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--images", type=int, default=1000, help="unlabeled target-domain images")
+    parser.add_argument("--steps", type=int, default=None, help="smoke runs only: fewer steps")
     parser.add_argument("--test-images", type=int, default=500)
     args = parser.parse_args(argv)
     shutil.rmtree(DEMO_DIR, ignore_errors=True)

@@ -61,6 +61,10 @@ class TargetStyle:
     # shape may reach, as a fraction of its radius: the target's close-up framing.
     radius: tuple[float, float] = (0.42, 0.5)
     overhang: float = 0.2
+    # Tilt of each shape in radians (SOURCE: +-0.35); wider ranges make a rotation shift.
+    tilt: tuple[float, float] = (-0.35, 0.35)
+    # Swap the shape's and the background's brightness (light shapes become dark ones).
+    invert: bool = False
 
 
 def _star(points: int, inner: float) -> list[tuple[float, float]]:
@@ -168,14 +172,17 @@ def _contrasting(rng: random.Random, base: tuple[int, int, int], min_dist: float
 
 
 def _geometry(
-    rng: random.Random, radius: tuple[float, float] = (0.26, 0.42), overhang: float = 0.0
+    rng: random.Random,
+    radius: tuple[float, float] = (0.26, 0.42),
+    overhang: float = 0.0,
+    tilt: tuple[float, float] = (-0.35, 0.35),
 ) -> tuple[float, float, float, float]:
     """Centre, radius and tilt of a shape that reaches at most `overhang` x radius past the border."""
     r = rng.uniform(*radius) * CANVAS
     inset = r * (1.0 - overhang)
     cx = rng.uniform(inset, CANVAS - inset)
     cy = rng.uniform(inset, CANVAS - inset)
-    return cx, cy, r, rng.uniform(-0.35, 0.35)
+    return cx, cy, r, rng.uniform(*tilt)
 
 
 def render_source(label: int, rng: random.Random) -> Image.Image:
@@ -218,7 +225,7 @@ def render_target(label: int, rng: random.Random, style: TargetStyle = TargetSty
     _draw_shape(
         ImageDraw.Draw(img),
         CLASS_NAMES[label],
-        _geometry(rng, style.radius, style.overhang),
+        _geometry(rng, style.radius, style.overhang, style.tilt),
         fill,
         colour,
         rng.randint(*style.stroke_px),
@@ -227,22 +234,48 @@ def render_target(label: int, rng: random.Random, style: TargetStyle = TargetSty
     img = img.filter(ImageFilter.GaussianBlur(rng.uniform(*style.blur_radius)))
     arr = np.asarray(img, dtype=np.float32) / 255.0
     noise = np.random.default_rng(rng.randrange(2**32)).normal(0.0, style.noise_std, arr.shape)
-    return Image.fromarray((np.clip(arr + noise, 0, 1) * 255).astype(np.uint8))
+    arr = np.clip(arr + noise, 0, 1)
+    if style.invert:
+        arr = 1.0 - arr
+    return Image.fromarray((arr * 255).astype(np.uint8))
 
 
-def sample(domain: str, index: int, seed: int, size: int = 32) -> tuple[Image.Image, int]:
-    """Image `index` of a seeded domain, as (image, label); labels cycle so classes stay balanced."""
+def sample(
+    domain: str,
+    index: int,
+    seed: int,
+    size: int = 32,
+    style: TargetStyle | None = None,
+    classes: tuple[int, ...] | None = None,
+) -> tuple[Image.Image, int]:
+    """Image `index` of a seeded domain, as (image, label); labels cycle so classes stay balanced.
+
+    `classes` restricts the images to those class indices (the label is then the position in
+    `classes`); `style` replaces the default TARGET style.
+    """
     if domain not in DOMAINS:
         raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
     rng = random.Random(f"{domain}:{seed}:{index}")
-    label = index % len(CLASS_NAMES)
-    img = render_source(label, rng) if domain == "source" else render_target(label, rng)
+    pool = classes if classes is not None else tuple(range(len(CLASS_NAMES)))
+    label = index % len(pool)
+    shape = pool[label]
+    if domain == "source":
+        img = render_source(shape, rng)
+    else:
+        img = render_target(shape, rng, style or TargetStyle())
     return img.resize((size, size), Image.Resampling.BILINEAR), label
 
 
-def iter_domain(domain: str, count: int, seed: int, size: int = 32) -> Iterator[tuple[Image.Image, int]]:
+def iter_domain(
+    domain: str,
+    count: int,
+    seed: int,
+    size: int = 32,
+    style: TargetStyle | None = None,
+    classes: tuple[int, ...] | None = None,
+) -> Iterator[tuple[Image.Image, int]]:
     for i in range(count):
-        yield sample(domain, i, seed, size)
+        yield sample(domain, i, seed, size, style, classes)
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -252,11 +285,19 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def write_folder(domain: str, count: int, seed: int, out: Path, size: int = 32) -> list[tuple[Path, int]]:
+def write_folder(
+    domain: str,
+    count: int,
+    seed: int,
+    out: Path,
+    size: int = 32,
+    style: TargetStyle | None = None,
+    classes: tuple[int, ...] | None = None,
+) -> list[tuple[Path, int]]:
     """Write `count` images as PNG files into `out` (flat, unlabeled names) and return (path, label)."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for i, (img, label) in enumerate(iter_domain(domain, count, seed, size)):
+    for i, (img, label) in enumerate(iter_domain(domain, count, seed, size, style, classes)):
         path = out / f"{domain}-{seed}-{i:06d}.png"
         img.save(path)
         written.append((path, label))

@@ -47,6 +47,7 @@ from services.must.network import MustNetwork
 from services.must.task import MustTask
 from services.must.trainer import FitResult, TrainerHooks, fit, loader_workers
 from services.must.transforms import TwoViews
+from services.must.views import LADDER
 from services.storage.s3 import make_s3_client
 from worker.dataset import stage_images
 
@@ -131,6 +132,10 @@ def config(case: Case, workers: int | None = None) -> MustConfig:
         threshold_mode="fixed",
         threshold=0.5,
         checkpoint_every=10**6,
+        # The reference's student view (a job fits its own; the bench measures throughput).
+        strong_crop_min=LADDER[0].crop_min,
+        rand_augment=LADDER[0].policy,
+        hflip=True,
     )
     if workers is not None:
         base = replace(base, num_workers=workers)
@@ -165,7 +170,7 @@ def job_run(prepared: Prepared, settings: Settings, uri: str, cfg: MustConfig, w
     start = time.perf_counter()
     staged = stage_images(uri, work, settings)
     stage_s = time.perf_counter() - start
-    views = TwoViews(prepared.clip.preprocess, cfg.strong_crop_min, cfg.rand_augment)
+    views = TwoViews(prepared.clip.preprocess, cfg.strong_crop_min, cfg.rand_augment, cfg.hflip)
     result, stamps = timed_fit(prepared.network, PathViews(staged.paths, views), cfg)
     images = cfg.total_steps * cfg.batch_size
     return Run(label, stage_s, result.seconds, images, steady_rate(stamps, cfg.batch_size))
@@ -173,7 +178,7 @@ def job_run(prepared: Prepared, settings: Settings, uri: str, cfg: MustConfig, w
 
 def in_memory_views(prepared: Prepared, images: list[bytes], cfg: MustConfig) -> TensorViews:
     """Both views of every image, computed once."""
-    views = TwoViews(prepared.clip.preprocess, cfg.strong_crop_min, cfg.rand_augment)
+    views = TwoViews(prepared.clip.preprocess, cfg.strong_crop_min, cfg.rand_augment, cfg.hflip)
     pairs = [views(decode_image(data), seed) for seed, data in enumerate(images)]
     return TensorViews(torch.stack([w for w, _ in pairs]), torch.stack([s for _, s in pairs]))
 

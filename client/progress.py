@@ -8,7 +8,7 @@ from typing import Any, Self
 
 from tqdm import tqdm
 
-from services.schemas.jobs import AdaptationPublic
+from services.schemas.jobs import AdaptationPublic, Outcome
 
 # The label-free metric the bar shows: the share of images whose pseudo-label clears the threshold.
 CONFIDENT = "confident_fraction"
@@ -56,9 +56,26 @@ def describe_job(job: AdaptationPublic) -> str:
         lines.append(("images", f"{job.images_used} used{skipped if job.images_skipped else ''}"))
     if job.artifact:
         lines.append(("artifact", job.artifact.uri))
+    if job.outcome:
+        lines += _outcome_lines(job.outcome)
     if job.error:
         lines.append(("error", f"{job.error.type}: {job.error.message}"))
     return "\n".join(f"{name:<9} {value}" for name, value in lines)
+
+
+def _outcome_lines(outcome: Outcome) -> list[tuple[str, str]]:
+    """What the job serves and why, each candidate's guard margin, and the fitted views."""
+    lines = [("serves", outcome.served), ("why", outcome.reason)]
+    scores = ", ".join(f"{c.name} {c.margin:+.3f}" for c in outcome.candidates)
+    lines.append(("guard", f"margin over zero-shot: {scores}"))
+    views = outcome.views
+    if views:
+        flip = "flip" if views.get("hflip") else "no flip"
+        agreement = views.get("agreement")
+        agreed = f", zero-shot agreement {agreement:.2f}" if isinstance(agreement, float) else ""
+        crop, policy = views.get("crop_min"), views.get("rand_augment")
+        lines.append(("views", f"crop >= {crop}, {policy}, {flip}{agreed}"))
+    return lines
 
 
 def job_row(job: AdaptationPublic) -> tuple[str, str, str, str, str]:

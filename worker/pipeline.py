@@ -153,8 +153,13 @@ def _stage_dataset(ctx: JobContext, request: AdaptationCreate) -> StagedImages:
 
 
 def _start(ctx: JobContext, request: AdaptationCreate, staged: StagedImages) -> Adaptation:
-    """Load the CLIP, build the zero-shot head and pick the confidence threshold without labels."""
+    """Load the CLIP, build the zero-shot head, fit the views, pick the threshold and score zero-shot.
+
+    A job that already has a checkpoint (local or in the store) trains on the views it chose then.
+    """
     ctx.set_phase(JobPhase.SCORING_ZERO_SHOT)
+    checkpoint_dir = _checkpoint_dir(ctx)
+    _restore_checkpoint(ctx, checkpoint_dir)
     hparams = {"checkpoint_every": ctx.settings.worker.checkpoint_every, **(request.hparams or {})}
     model = request.model
     spec = ModelSpec(
@@ -172,7 +177,14 @@ def _start(ctx: JobContext, request: AdaptationCreate, staged: StagedImages) -> 
         templates=request.templates,
         config=MustConfig.from_dict(hparams),
         device=ctx.device,
+        checkpoint_dir=checkpoint_dir,
     )
+
+
+def _checkpoint_dir(ctx: JobContext) -> Path:
+    folder = ctx.work_dir / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def _remote_pointer(ctx: JobContext) -> dict[str, Any] | None:
@@ -239,9 +251,7 @@ def _publish_checkpoint(ctx: JobContext, files: CheckpointFiles, lost: threading
 def _train(ctx: JobContext, run: Adaptation, lost: threading.Event) -> FitResult:
     """Resume from the stored checkpoint if any, then train, publishing every checkpoint."""
     ctx.set_phase(JobPhase.TRAINING)
-    checkpoint_dir = ctx.work_dir / "checkpoints"
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    _restore_checkpoint(ctx, checkpoint_dir)
+    checkpoint_dir = _checkpoint_dir(ctx)
     worker = ctx.settings.worker
     cancel_requested = make_cancel_check(ctx.job_id, ctx.session_factory)
     hooks = TrainerHooks(
@@ -262,7 +272,7 @@ def _train(ctx: JobContext, run: Adaptation, lost: threading.Event) -> FitResult
 def _export(
     ctx: JobContext, request: AdaptationCreate, run: Adaptation, result: FitResult, staged: StagedImages
 ) -> Manifest:
-    """Export the EMA teacher as the classifier and publish its weights, then its manifest."""
+    """Export the classifier the guard chose and publish its weights, then its manifest."""
     ctx.set_phase(JobPhase.EXPORTING)
     out_dir = ctx.work_dir / "classifier"
     # Name the model as the request did, not by the local copy a download left in the work folder.
@@ -292,6 +302,12 @@ def _run(ctx: JobContext, lost: threading.Event) -> None:
     _publish_metrics(ctx)
     # The folder holding weights and manifest (no trailing `/`: local stores refuse empty key parts).
     artifact = ctx.store.uri(ctx.key(keys.adaptation_prefix(ctx.job_id) + "classifier"))
+    decision = run.decision
+    outcome = {
+        **(decision.to_dict() if decision else {}),
+        "views": run.views.to_dict() if run.views else None,
+        "threshold": run.threshold,
+    }
     with ctx.session_factory() as session:
         repository.mark_succeeded(
             session,
@@ -299,8 +315,10 @@ def _run(ctx: JobContext, lost: threading.Event) -> None:
             artifact_uri=artifact,
             artifact_sha256=manifest.weights_sha256,
             owner=ctx.owner,
+            served=manifest.network,
+            outcome=outcome,
         )
-    log.info("job %s succeeded: %s", ctx.job_id, artifact)
+    log.info("job %s succeeded: serves %s (%s)", ctx.job_id, manifest.network, outcome.get("reason", ""))
 
 
 def public_message(ctx: JobContext, exc: BaseException) -> str:

@@ -70,6 +70,10 @@ class Job(Base):
     artifact_uri: Mapped[str | None] = mapped_column(Text)
     checkpoint_uri: Mapped[str | None] = mapped_column(Text)
     artifact_sha256: Mapped[str | None] = mapped_column(String(64))
+    # Which classifier the label-free guard chose to serve ("zero_shot", "teacher", "student",
+    # "teacher@<step>"), and the report it chose on (reason, candidates, views, threshold).
+    served: Mapped[str | None] = mapped_column(String(64))
+    outcome: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     error_type: Mapped[str | None] = mapped_column(String(255))
     error_message: Mapped[str | None] = mapped_column(Text)

@@ -230,10 +230,23 @@ def _finished(now: datetime) -> dict[str, Any]:
 
 
 def mark_succeeded(
-    session: Session, job_id: str, *, artifact_uri: str, artifact_sha256: str, owner: str | None = None
+    session: Session,
+    job_id: str,
+    *,
+    artifact_uri: str,
+    artifact_sha256: str,
+    owner: str | None = None,
+    served: str | None = None,
+    outcome: dict[str, Any] | None = None,
 ) -> bool:
-    """Finish the job with its published artifact; False if `owner` no longer holds it."""
-    values = {**_finished(utcnow()), "artifact_uri": artifact_uri, "artifact_sha256": artifact_sha256}
+    """Finish the job with its published artifact and what it serves; False if `owner` lost it."""
+    values = {
+        **_finished(utcnow()),
+        "artifact_uri": artifact_uri,
+        "artifact_sha256": artifact_sha256,
+        "served": served,
+        "outcome": outcome,
+    }
     return _transition(session, job_id, JobStatus.SUCCEEDED, values, guard=_owned_by(owner))
 
 

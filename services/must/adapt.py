@@ -3,63 +3,89 @@
     result = adapt(Path("images/"), ["cat", "dog"], out_dir=Path("run/"), model=ModelSpec(...))
     classifier = load_classifier(result.classifier_dir)
 
-Steps: scan the images, resolve the label-free defaults, build the zero-shot head, choose the
-confidence threshold from the zero-shot teacher, train (resuming from `out_dir/checkpoints`),
-and export the teacher as the served classifier (the EMA teacher is the steadier of the two
-networks, and picking it needs no labels).
+Steps: scan the images, resolve the label-free defaults, build the zero-shot head, fit the
+student's views and choose the confidence threshold from the zero-shot teacher, score the
+zero-shot classifier for the guard, train (resuming from `out_dir/checkpoints`, scoring the
+teacher at the guard points), and export the classifier the guard chooses: the EMA teacher,
+the student, a snapshot of the teacher, or the zero-shot classifier itself when no adapted one
+beats it (see `guard`).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 
 from services.must.calibration import choose_threshold, teacher_confidence
+from services.must.checkpoint import read_latest
 from services.must.classifier import validate_class_names, validate_templates
 from services.must.config import MustConfig, resolve
-from services.must.data import ImageListDataset, SkipReport, scan_folder
+from services.must.data import SkipReport, scan_folder
 from services.must.errors import DatasetError
 from services.must.export import Manifest, export_classifier
+from services.must.guard import (
+    GUARD_POINTS,
+    ZERO_SHOT,
+    Decision,
+    Guard,
+    Outputs,
+    SnapshotMemory,
+    decide,
+    outputs_of,
+)
 from services.must.inference import ImageClassifier
 from services.must.loading import LoadedClip, ModelSpec, load_clip
 from services.must.network import MustNetwork
 from services.must.task import MustTask
-from services.must.trainer import FitResult, TrainerHooks, fit, loader_workers
-from services.must.transforms import TwoViews, eval_transform
+from services.must.trainer import FitResult, StepMetrics, TrainerHooks, autocast_dtype, fit, loader_workers
+from services.must.transforms import TwoViews, eval_transform, seeded, weak_transform
+from services.must.views import (
+    SAMPLE_IMAGES,
+    PathViews,
+    ViewFit,
+    ViewFitter,
+    fit_views,
+    sample_paths,
+    seeded_batches,
+)
 
 log = logging.getLogger(__name__)
 CALIBRATION_IMAGES = 2048
+# The student's view fields that `fit_views` fills when the config leaves them None.
+_VIEW_FIELDS = ("strong_crop_min", "rand_augment", "hflip")
+
+__all__ = ["PathViews", "adapt", "start", "prepare", "Adaptation", "AdaptResult", "list_images"]
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _identity(image: Image.Image) -> Image.Image:
-    return image
+class _Seedless:
+    """A one-image transform called as views(image, seed); picklable for DataLoader workers."""
+
+    def __init__(self, transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.transform = transform
+
+    def __call__(self, image: Image.Image, seed: int) -> torch.Tensor:
+        return self.transform(image)
 
 
-class PathViews(Dataset):
-    """(index, seed) -> (weak, strong) views of image files; unreadable files fall back to the next one."""
+class _WeakView:
+    """The teacher's weak view of training, seeded per image (see transforms.seeded)."""
 
-    def __init__(self, paths: Sequence[Path], views: TwoViews) -> None:
-        self.images = ImageListDataset(paths, transform=_identity)
-        self.views = views
+    def __init__(self, transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.transform = transform
 
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index, seed = key
-        image, _ = self.images[index]
-        return self.views(image, seed)
+    def __call__(self, image: Image.Image, seed: int) -> torch.Tensor:
+        return seeded(lambda: self.transform(image), seed)
 
 
 @dataclass
@@ -100,28 +126,86 @@ def prepare(
     return Prepared(clip, network, names, prompts, spec)
 
 
+def _batches(
+    paths: Sequence[Path], views: Callable[[Image.Image, int], Any], cfg: MustConfig, device: torch.device
+) -> Iterable[Any]:
+    return seeded_batches(
+        paths, views, cfg.seed, workers=loader_workers(cfg, device), pin=device.type == "cuda"
+    )
+
+
+@torch.no_grad()
 def calibrate(
     prepared: Prepared, paths: Sequence[Path], cfg: MustConfig, device: torch.device
 ) -> torch.Tensor:
-    """The label-free confidence threshold (see `calibration`), from up to 2048 images."""
+    """The label-free confidence threshold (see `calibration`), from up to 2048 images.
+
+    Measured as training thresholds: the teacher's fp32 probabilities on its weak view, with
+    the network under the same autocast as training.
+    """
+    k = prepared.network.num_classes
     if cfg.threshold_mode == "fixed":
-        return choose_threshold(
-            torch.zeros(1), torch.zeros(1, dtype=torch.long), prepared.network.num_classes, cfg
-        )
-    step = max(1, len(paths) // CALIBRATION_IMAGES)
-    subset = list(paths)[::step][:CALIBRATION_IMAGES]
-    data = ImageListDataset(subset, eval_transform(prepared.clip.preprocess))
-    workers = loader_workers(cfg, device)
-    loader = DataLoader(data, batch_size=128, num_workers=workers, pin_memory=device.type == "cuda")
-    batches = (x for x, _ in loader)
-    conf, pred = teacher_confidence(prepared.network, batches, device)
-    return choose_threshold(conf, pred, prepared.network.num_classes, cfg)
+        return choose_threshold(torch.zeros(1), torch.zeros(1, dtype=torch.long), k, cfg)
+    views = _WeakView(weak_transform(prepared.clip.preprocess))
+    batches = _batches(sample_paths(paths, CALIBRATION_IMAGES), views, cfg, device)
+    dtype = autocast_dtype(cfg.precision, device)
+    conf, pred = teacher_confidence(prepared.network, batches, device, dtype)
+    return choose_threshold(conf, pred, k, cfg)
+
+
+def fit_student_views(
+    prepared: Prepared, paths: Sequence[Path], cfg: MustConfig, device: torch.device
+) -> tuple[MustConfig, ViewFit | None]:
+    """Fill the view fields the config leaves None from the zero-shot model (see `views`)."""
+    if all(getattr(cfg, name) is not None for name in _VIEW_FIELDS):
+        return cfg, None
+    fitter = ViewFitter(
+        prepared.network,
+        prepared.clip.preprocess,
+        sample_paths(paths, SAMPLE_IMAGES),
+        mask_ratio=cfg.mask_ratio,
+        seed=cfg.seed,
+        device=device,
+        dtype=autocast_dtype(cfg.precision, device),
+        workers=loader_workers(cfg, device),
+        mask_cell=cfg.mask_cell,
+    )
+    found = fit_views(fitter, cfg.view_agreement)
+    fitted = {"strong_crop_min": found.crop_min, "rand_augment": found.rand_augment, "hflip": found.hflip}
+    # A field the user set wins over the fitted one.
+    chosen = {k: v if getattr(cfg, k) is None else getattr(cfg, k) for k, v in fitted.items()}
+    return replace(cfg, **chosen), found
+
+
+def _stored_views(checkpoint_dir: Path | None, cfg: MustConfig) -> MustConfig | None:
+    """The view fields a checkpointed run chose, so a resumed run trains on the same views."""
+    state = read_latest(checkpoint_dir) if checkpoint_dir is not None else None
+    stored = (state or {}).get("meta", {}).get("config", {})
+    if any(stored.get(name) is None for name in _VIEW_FIELDS):
+        return None
+    return replace(cfg, **{name: stored[name] for name in _VIEW_FIELDS})
+
+
+def guard_outputs(
+    network: MustNetwork,
+    preprocess: Any,
+    paths: Sequence[Path],
+    cfg: MustConfig,
+    device: torch.device,
+) -> Outputs:
+    """`network`'s features and probabilities on the guard sample, as served (eval view, fp32 head)."""
+    views = _Seedless(eval_transform(preprocess))
+    # Loading draws a base seed from torch's RNG; the run's random streams must not move.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        batches = (x for x in _batches(paths, views, cfg, device))
+        dtype = autocast_dtype(cfg.precision, device)
+        return outputs_of(network.visual, network.head, network.logit_scale, batches, device, dtype)
 
 
 @dataclass
 class Adaptation:
     """One MUST run, set up from unlabeled images: the steps `adapt()` runs, for callers that
-    put their own work between them (the worker restores a stored checkpoint before `train`).
+    put their own work between them (the worker restores a stored checkpoint before `start`).
 
     Keeping the setup in one place matters for resume: a resumed run must seed, calibrate and
     build its views exactly as the interrupted one did.
@@ -132,23 +216,92 @@ class Adaptation:
     config: MustConfig
     paths: list[Path]
     device: torch.device
+    guard: Guard
+    guard_paths: list[Path]
+    views: ViewFit | None = None
+    decision: Decision | None = None
+    # Every candidate's guard-sample outputs seen in this process, by candidate name.
+    seen: dict[str, Outputs] = field(default_factory=dict)
 
     @property
     def threshold(self) -> list[float]:
         return self.task.threshold.flatten().tolist()
 
+    @property
+    def snapshots(self) -> SnapshotMemory:
+        return self.task.snapshots
+
+    def guard_steps(self) -> dict[int, int]:
+        """Step -> guard point index, for the points inside the schedule."""
+        total = int(self.config.total_steps or 0)
+        steps = {max(1, round(f * total)): i for i, f in enumerate(GUARD_POINTS)}
+        return {step: i for step, i in steps.items() if step < total}
+
+    def outputs(self, network: MustNetwork) -> Outputs:
+        preprocess = self.prepared.clip.preprocess
+        return guard_outputs(network, preprocess, self.guard_paths, self.config, self.device)
+
+    def _score_snapshot(self, step: int, index: int) -> None:
+        teacher = self.task.teacher.module
+        name = f"teacher@{step}"
+        self.seen[name] = self.outputs(teacher)  # type: ignore[arg-type]
+        score = self.guard.score(name, self.seen[name], step)
+        kept = self.snapshots.offer(index, score, teacher, self.config.guard_margin)  # type: ignore[arg-type]
+        log.info("guard: teacher at step %d margin %+.4f%s", step, score.margin, " (kept)" if kept else "")
+
     def train(self, checkpoint_dir: Path, hooks: TrainerHooks | None = None) -> FitResult:
         """Run the schedule, resuming from `checkpoint_dir/latest.json` when there is one."""
         cfg = self.config
-        views = TwoViews(self.prepared.clip.preprocess, cfg.strong_crop_min, cfg.rand_augment)
+        hooks = hooks or TrainerHooks()
+        points = self.guard_steps()
+        user_on_step = hooks.on_step
+
+        def on_step(metrics: StepMetrics) -> None:
+            if metrics.step in points:
+                self._score_snapshot(metrics.step, points[metrics.step])
+            if user_on_step is not None:
+                user_on_step(metrics)
+
+        views = TwoViews(self.prepared.clip.preprocess, cfg.strong_crop_min, cfg.rand_augment, cfg.hflip)
         return fit(
             self.task,
             PathViews(self.paths, views),
             cfg,
             device=self.device,
             checkpoint_dir=checkpoint_dir,
-            hooks=hooks,
+            hooks=replace(hooks, on_step=on_step),
         )
+
+    def choose(self) -> Decision:
+        """Score the final teacher and student, add the snapshots' scores, and decide what to serve."""
+        total = int(self.config.total_steps or 0)
+        scores = [self.guard.zero_shot_score()]
+        scores += self.snapshots.scores()
+        self.seen["teacher"] = self.outputs(self.task.teacher.module)  # type: ignore[arg-type]
+        self.seen["student"] = self.outputs(self.task.student)
+        scores.append(self.guard.score("teacher", self.seen["teacher"], total))
+        scores.append(self.guard.score("student", self.seen["student"], total))
+        # A snapshot is only servable while its weights are held: the best one.
+        kept = self.snapshots.kept_step
+        servable = [s for s in scores if not s.name.startswith("teacher@") or s.step == kept]
+        decision = decide(servable, self.config.guard_margin)
+        decision.candidates = scores
+        self.decision = decision
+        return decision
+
+    def served_classifier(self, decision: Decision) -> ImageClassifier:
+        """The classifier `decision` names, with the run's class names and preprocessing."""
+        p = self.prepared
+        if decision.served == ZERO_SHOT:
+            zero_shot = prepare(p.spec, p.class_names, p.templates, self.device)
+            return zero_shot.classifier()
+        if decision.served == "student":
+            return p.classifier(self.task.student)
+        if decision.served == "teacher":
+            return p.classifier(self.task.teacher.module)  # type: ignore[arg-type]
+        memory = self.snapshots
+        visual = copy.deepcopy(memory.visual).eval()
+        return ImageClassifier(visual, memory.head, p.network.logit_scale, p.class_names, p.clip.preprocess)
 
     def export(
         self,
@@ -157,20 +310,24 @@ class Adaptation:
         skipped: SkipReport,
         source_model: dict[str, Any] | None = None,
     ) -> Manifest:
-        """Write the EMA teacher as the served classifier, with the run's label-free metrics."""
+        """Write the guard's choice as the served classifier, with the run's label-free report."""
+        decision = self.decision or self.choose()
         metrics = {
             "images_used": len(self.paths),
             "images_skipped": skipped.to_dict(),
             "threshold": self.threshold,
+            "views": self.views.to_dict() if self.views else None,
+            "guard": decision.to_dict(),
             "last_step": result.history[-1] if result.history else {},
         }
         return export_classifier(
-            self.prepared.classifier(self.task.teacher.module),
+            self.served_classifier(decision),
             out_dir,
             model_cfg=self.prepared.clip.model_cfg,
             templates=self.prepared.templates,
             source_model=source_model or self.prepared.source_model(),
             metrics=metrics,
+            network=decision.served,
         )
 
 
@@ -182,17 +339,29 @@ def start(
     templates: Sequence[str] | None = None,
     config: MustConfig | None = None,
     device: torch.device | str | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> Adaptation:
-    """Resolve the defaults for these images, load the CLIP and choose the threshold without labels."""
+    """Resolve the defaults for these images, load the CLIP, fit the views, choose the threshold
+    and score zero-shot for the guard, all without labels.
+
+    With a `checkpoint_dir` that holds a checkpoint, the views it was trained with are kept.
+    """
     device = torch.device(device) if device is not None else default_device()
     cfg = resolve((config or MustConfig()).validate(), len(paths))
     torch.manual_seed(cfg.seed)
     prepared = prepare(model, class_names, templates, device)
-    # Calibration is deterministic (eval transform, zero-shot weights), so a resumed run simply
-    # recomputes the same threshold before the checkpoint restores everything else.
+    # Calibration, view fitting and guard scoring are deterministic (seeded views, zero-shot
+    # weights), so a resumed run recomputes what the interrupted one measured.
+    fitted, views = fit_student_views(prepared, paths, cfg, device)
+    # A resumed run keeps the views it trained with, even where a new measurement would differ.
+    cfg = _stored_views(checkpoint_dir, cfg) or fitted
     threshold = calibrate(prepared, paths, cfg, device)
+    guard_paths = sample_paths(paths, cfg.guard_images)
+    zero_shot = guard_outputs(prepared.network, prepared.clip.preprocess, guard_paths, cfg, device)
     task = MustTask(prepared.network, cfg, threshold.to(device))
-    return Adaptation(prepared, task, cfg, list(paths), device)
+    run = Adaptation(prepared, task, cfg, list(paths), device, Guard(zero_shot), guard_paths, views)
+    run.seen[ZERO_SHOT] = zero_shot
+    return run
 
 
 @dataclass
@@ -204,6 +373,7 @@ class AdaptResult:
     num_images: int
     skipped: SkipReport
     threshold: list[float] = field(default_factory=list)
+    decision: Decision | None = None
 
 
 def list_images(
@@ -237,9 +407,25 @@ def adapt(
 ) -> AdaptResult:
     """Run MUST end to end on local images and export the adapted classifier to `out_dir/classifier`."""
     paths, skipped = list_images(images, max_images)
-    run = start(paths, class_names, model=model, templates=templates, config=config, device=device)
-    result = run.train(out_dir / "checkpoints", hooks)
+    checkpoints = out_dir / "checkpoints"
+    run = start(
+        paths,
+        class_names,
+        model=model,
+        templates=templates,
+        config=config,
+        device=device,
+        checkpoint_dir=checkpoints,
+    )
+    result = run.train(checkpoints, hooks)
     manifest = run.export(out_dir / "classifier", result, skipped)
     return AdaptResult(
-        out_dir / "classifier", manifest, result, run.config, len(paths), skipped, run.threshold
+        out_dir / "classifier",
+        manifest,
+        result,
+        run.config,
+        len(paths),
+        skipped,
+        run.threshold,
+        run.decision,
     )

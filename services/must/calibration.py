@@ -1,6 +1,7 @@
 """Choosing the pseudo-label confidence threshold without labels.
 
-The paper tunes tau per data set on labelled data (0.7 for ImageNet with ViT-B/16, 0.2-0.7
+Measured as training thresholds: the teacher's probabilities on its weak view, in training's
+precision. The paper tunes tau per data set on labelled data (0.7 for ImageNet with ViT-B/16, 0.2-0.7
 elsewhere), which our users cannot do. The teacher's confidence scale differs between models,
 class counts and domains, so instead tau is read off the zero-shot teacher's own confidence
 distribution on the unlabeled data, before training:
@@ -23,15 +24,26 @@ import torch
 
 from services.must.config import MustConfig
 from services.must.network import MustNetwork
+from services.must.views import autocast_or_not
 
 
 @torch.no_grad()
 def teacher_confidence(
-    network: MustNetwork, batches: Iterable[torch.Tensor], device: torch.device | str
+    network: MustNetwork,
+    batches: Iterable[torch.Tensor],
+    device: torch.device | str,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(max probability, predicted class) of `network` for every image in `batches`."""
+    """(max probability, predicted class) of `network` for every image in `batches`.
+
+    `dtype` is the autocast precision training runs the teacher in; the logits are fp32 anyway.
+    """
     network.eval()
-    probs = [network(x.to(device)).float().softmax(-1).cpu() for x in batches]
+    device = torch.device(device)
+    probs = []
+    for x in batches:
+        with autocast_or_not(device, dtype):
+            probs.append(network(x.to(device)).float().softmax(-1).cpu())
     conf, pred = torch.cat(probs).max(dim=1)
     return conf, pred
 

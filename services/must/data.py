@@ -241,6 +241,11 @@ class ImageListDataset(torch.utils.data.Dataset):
             raise ImageLoadError("unreadable", str(exc)) from exc
 
 
+def mix_seed(seed: int, position: int) -> int:
+    """A per-position seed that does not collide across runs with nearby seeds."""
+    return (seed * 0x9E3779B1 + position * 0x85EBCA77 + 0x632BE59B) % (2**31 - 1)
+
+
 class ResumableSampler(torch.utils.data.Sampler[int]):
     """Endless, seeded, exactly resumable sampler: epoch e is randperm(num_items) seeded with seed + e."""
 

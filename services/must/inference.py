@@ -64,8 +64,12 @@ class ImageClassifier(nn.Module):
         return self.head.device
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        feats = F.normalize(self.visual(pixels), dim=-1)
-        return self.logit_scale * feats @ self.head.to(feats.dtype)
+        return self.logits(self.visual(pixels))
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """fp32 logits from image-tower outputs, with autocast off (see MustNetwork.classify)."""
+        with torch.autocast(features.device.type, enabled=False):
+            return self.logit_scale * F.normalize(features.float(), dim=-1) @ self.head.float()
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """A normalised batch [B, 3, H, W] from PIL images."""

@@ -42,21 +42,60 @@ def self_training_loss(
     return _masked_mean(per_sample, keep), keep
 
 
+def ema_momentum(batch_size: int, window: int) -> float:
+    """EMA momentum whose estimate has the variance of a plain mean over `window` samples.
+
+    An EMA with weight (1 - m) on each batch of B samples averages over (1 + m) / (1 - m) batches
+    in the variance sense; m = (W - B) / (W + B) makes that W samples. Batches of W or more need
+    no memory (m = 0).
+    """
+    if batch_size < 1 or window < 1:
+        raise ValueError(f"batch_size and window must be positive, got {batch_size}, {window}")
+    return max(0.0, (window - batch_size) / (window + batch_size))
+
+
+def fairness_window(num_classes: int, samples: int = 1024) -> int:
+    """Samples the fairness term's mean prediction is estimated over: ~1,000, and 3 per class.
+
+    The reference estimates it over its global batch of 1,024; from 512 classes on, where 1,024
+    samples leave about one per class, it also mixes in its previous estimate half and half,
+    an EMA over about three batches (3,072 samples). max(1024, 3K) matches both regimes.
+    """
+    return max(samples, 3 * num_classes)
+
+
+def batch_log_mean(log_probs: Tensor) -> Tensor:
+    """log of the batch-mean probability per class, from log-probabilities, without underflow."""
+    return torch.logsumexp(log_probs.float(), dim=0) - math.log(log_probs.shape[0])
+
+
 def fairness_loss(
-    student_probs: Tensor, prev_mean: Tensor | None = None, momentum: float = 0.5
+    log_probs: Tensor, log_running: Tensor | None = None, steps: int = 0, momentum: float = 0.0
 ) -> tuple[Tensor, Tensor]:
-    """Negative mean log of the batch-mean prediction; rewards spreading predictions over all classes."""
+    """-(1/K) sum_k log p_bar_k, with p_bar a debiased running mean of the student's predictions.
+
+    `log_probs` [B, K] are this batch's log-probabilities (gathered across ranks when training
+    is distributed). The estimate is an EMA of batch means, p_bar_t = A_t / (1 - m^t) with
+    A_t = m A_{t-1} + (1 - m) mean(p), kept in the log domain (`log_running` is log A_{t-1}
+    after `steps` updates, detached), so a starved class keeps an exact, finite log and its
+    full gradient: no probability floor. The loss is divided by the current batch's share of
+    the estimate, (1 - m) / (1 - m^t), in its gradient only, so each sample's gradient is
+    -(1/K) / (B p_bar): what a plain mean over many samples would give, whatever the batch size.
+    That is the reference's per-sample push, measured over its global batch of 1,024. The
+    returned value is -mean log p_bar itself. Returns (loss, new log A_t).
+    """
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-    # float32 so the eps floor is representable even when probs arrive in half precision.
-    p_bar = student_probs.float().mean(dim=0)
-    if prev_mean is not None:
-        p_bar = momentum * prev_mean.detach().to(p_bar) + (1.0 - momentum) * p_bar
-    loss = -p_bar.clamp_min(_EPS).log().mean()
-    if prev_mean is not None:
-        # Undo the (1 - momentum) shrink of this step's gradient so smoothing does not weaken the term.
-        loss = loss / (1.0 - momentum)
-    return loss, p_bar.detach()
+    fresh = math.log1p(-momentum) + batch_log_mean(log_probs)
+    if log_running is None or steps == 0 or momentum == 0.0:
+        steps, log_acc = 0, fresh
+    else:
+        log_acc = torch.logaddexp(math.log(momentum) + log_running.detach().to(fresh), fresh)
+    debias = 1.0 - momentum ** (steps + 1)
+    value = -(log_acc - math.log(debias)).mean()
+    # The reported value is -mean log p_bar (log K when balanced); the gradient is scaled by 1 / share.
+    scaled = value * (debias / (1.0 - momentum))
+    return value.detach() + (scaled - scaled.detach()), log_acc.detach()
 
 
 def masked_image_loss(pred_pixels: Tensor, target_pixels: Tensor, pixel_mask: Tensor) -> Tensor:

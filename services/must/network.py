@@ -65,9 +65,14 @@ class MustNetwork(nn.Module):
         return tokens if proj is None else tokens @ proj
 
     def classify(self, cls_token: torch.Tensor) -> torch.Tensor:
-        """Logits = scale * normalize(projected class token) @ head; the head is not renormalised."""
-        feats = F.normalize(self.project(cls_token), dim=-1)
-        return self.logit_scale * feats @ self.head
+        """fp32 logits = scale * normalize(projected class token) @ head; the head is not renormalised.
+
+        Autocast is off here: at a logit scale of 100, bf16 logits are a quarter of a unit apart,
+        enough to move pseudo-labels and their confidence across the threshold.
+        """
+        with torch.autocast(cls_token.device.type, enabled=False):
+            feats = F.normalize(self.project(cls_token.float()), dim=-1)
+            return self.logit_scale * feats @ self.head.float()
 
     def decode(self, patch_tokens: torch.Tensor) -> torch.Tensor:
         """Pixels [B, 3, H, W] predicted from patch tokens [B, N, width]."""

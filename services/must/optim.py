@@ -12,7 +12,10 @@ import torch
 from torch import nn
 
 _RESBLOCK = re.compile(r"(?:^|\.)transformer\.resblocks\.(\d+)\.")
-_EMBEDDING = re.compile(r"(?:^|\.)(?:conv1|class_embedding|positional_embedding|ln_pre|mask_token)(?:\.|$)")
+# The image tower's own embeddings only. MUST's new modules (mask token, ln_patch, decoder) and the
+# head train at the full rate: the reference's name match put its mask token with the embeddings,
+# at layer_decay ** (num_layers + 1) of the lr (0.4% for ViT-B), so it hardly left its random init.
+_EMBEDDING = re.compile(r"(?:^|\.)(?:conv1|class_embedding|positional_embedding|ln_pre)(?:\.|$)")
 # Embedding-like tensors: shrinking them towards 0 has no regularising meaning, so they are never decayed.
 _ALWAYS_NO_DECAY = frozenset({"class_embedding", "positional_embedding", "mask_token"})
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from services.must.config import MustConfig
+from services.must.guard import SnapshotMemory
 from services.must.losses import (
     alignment_loss,
+    ema_momentum,
     fairness_loss,
+    fairness_window,
     label_free_stats,
     masked_image_loss,
     self_training_loss,
@@ -22,8 +27,9 @@ class MustTask(nn.Module):
     """`training_forward` returns a dict of named losses with the weighted total under "loss".
 
     The teacher is an EMA copy held outside the module tree (it is not trained and has its own
-    entry in checkpoints). `threshold` (scalar or per class) and the smoothed class-balance
-    estimate `p_bar` are buffers, so they travel with the task's state dict and resume exactly.
+    entry in checkpoints). `threshold` (scalar or per class) and the fairness term's running
+    class-balance estimate (`log_p_bar`, `fairness_steps`) are buffers, so they travel with the
+    task's state dict and resume exactly.
     """
 
     def __init__(self, student: MustNetwork, config: MustConfig, threshold: torch.Tensor) -> None:
@@ -35,8 +41,11 @@ class MustTask(nn.Module):
         self.teacher = EmaTeacher(student, config.ema_start, config.ema_end, config.ema_warmup_steps)
         k = student.num_classes
         self.register_buffer("threshold", threshold.detach().clone().float())
-        self.register_buffer("p_bar", torch.full((k,), 1.0 / k))
-        self.smooth_fairness = k >= config.fairness_smoothing_classes
+        self.register_buffer("log_p_bar", torch.full((k,), -math.log(k)))
+        self.register_buffer("fairness_steps", torch.zeros((), dtype=torch.long))
+        self.fairness_momentum = ema_momentum(config.batch_size, fairness_window(k, config.fairness_samples))
+        # The guard's best teacher snapshot so far (starts as the zero-shot network), see guard.py.
+        self.snapshots = SnapshotMemory(student)
 
     def train(self, mode: bool = True) -> MustTask:
         super().train(mode)
@@ -48,16 +57,21 @@ class MustTask(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Losses for one batch: teacher on the weak view, student on the masked strong view."""
         cfg = self.config
+        # classify() computes logits in fp32 even under autocast: pseudo-labels and the threshold
+        # compare probabilities that bf16 logits (scale 100) would shift by several percent.
         with torch.no_grad():
-            teacher_probs = self.teacher.module(weak).float().softmax(-1)
+            teacher_probs = self.teacher.module(weak).softmax(-1)
         cls_token, patch_tokens = self.student.encode(strong, token_mask)
-        logits = self.student.classify(cls_token).float()
-        student_probs = logits.softmax(-1)
+        logits = self.student.classify(cls_token)
+        log_probs = logits.log_softmax(-1)
+        student_probs = log_probs.exp()
 
         l_self, keep = self_training_loss(logits, teacher_probs, self.threshold)
-        l_fair, p_bar = fairness_loss(student_probs, self.p_bar if self.smooth_fairness else None)
-        if self.smooth_fairness:
-            self.p_bar.copy_(p_bar)
+        l_fair, log_p_bar = fairness_loss(
+            log_probs, self.log_p_bar, int(self.fairness_steps), self.fairness_momentum
+        )
+        self.log_p_bar.copy_(log_p_bar)
+        self.fairness_steps += 1
         zero = logits.sum() * 0.0
         l_mim = l_align = zero
         if cfg.mim_weight > 0:

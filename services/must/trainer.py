@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from services.must.checkpoint import CheckpointFiles, load_checkpoint, read_latest, save_checkpoint
 from services.must.config import MustConfig
-from services.must.data import ResumableSampler
+from services.must.data import ResumableSampler, mix_seed
 from services.must.errors import Cancelled, CheckpointError
 from services.must.masking import cell_size_for, random_cell_mask
 from services.must.optim import build_optimizer, cosine_schedule
@@ -70,11 +70,6 @@ class ViewDataset(Protocol):
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-def _mix(seed: int, position: int) -> int:
-    """A per-position seed that does not collide across runs with nearby seeds."""
-    return (seed * 0x9E3779B1 + position * 0x85EBCA77 + 0x632BE59B) % (2**31 - 1)
-
-
 class SeededPositions(Sampler[tuple[int, int]]):
     """Yields (index, seed) where the seed is a function of the sample's global schedule position."""
 
@@ -86,7 +81,7 @@ class SeededPositions(Sampler[tuple[int, int]]):
         state = self.base.state_dict()
         start = state["epoch"] * self.base.epoch_length + state["index"]
         for k, index in enumerate(self.base):
-            yield index, _mix(self.seed, start + k)
+            yield index, mix_seed(self.seed, start + k)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -191,7 +186,7 @@ class _Run:
         self, step: int, weak: torch.Tensor, strong: torch.Tensor
     ) -> tuple[dict[str, float], float, float]:
         cfg, task = self.cfg, self.task
-        gen = torch.Generator().manual_seed(_mix(cfg.seed + 1, step))
+        gen = torch.Generator().manual_seed(mix_seed(cfg.seed + 1, step))
         mask = random_cell_mask(weak.shape[0], task.student.grid, self.cell, cfg.mask_ratio, gen).to(
             self.device
         )

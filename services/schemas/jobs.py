@@ -64,8 +64,10 @@ HPARAM_TYPES: dict[str, Any] = {
     "threshold_quantile": Annotated[float, Field(strict=True, gt=0, lt=1)],
     "threshold": _UnitInterval | None,
     "mask_ratio": _UnitInterval,
-    "strong_crop_min": Annotated[float, Field(strict=True, ge=0.05, le=1)],
-    "rand_augment": Annotated[str, Field(pattern=r"^rand-[a-z0-9.\-]*$", max_length=100)],
+    "strong_crop_min": Annotated[float, Field(strict=True, ge=0.05, le=1)] | None,
+    "rand_augment": Annotated[str, Field(pattern=r"^rand-[a-z0-9.\-]*$", max_length=100)] | None,
+    "hflip": Annotated[bool, Field(strict=True)] | None,
+    "view_agreement": Annotated[float, Field(strict=True, gt=0, le=1)],
     "mask_cell": _PositiveInt | None,
     "ema_start": _UnitInterval | None,
     "ema_end": _UnitInterval | None,
@@ -73,7 +75,9 @@ HPARAM_TYPES: dict[str, Any] = {
     "fairness_weight": _NonNegativeFloat,
     "mim_weight": _NonNegativeFloat,
     "align_weight": _NonNegativeFloat,
-    "fairness_smoothing_classes": _PositiveInt,
+    "fairness_samples": Annotated[int, Field(strict=True, ge=1, le=10_000_000)],
+    "guard_images": Annotated[int, Field(strict=True, ge=2, le=100_000)],
+    "guard_margin": Annotated[float, Field(strict=True, ge=-1, le=1)],
     "seed": _NonNegativeInt,
     "precision": Literal["auto", "fp32", "bf16"],
     "checkpoint_every": _PositiveInt,
@@ -354,6 +358,32 @@ _PUBLIC_EXAMPLE: dict[str, Any] = {
 }
 
 
+class GuardCandidate(BaseModel):
+    """One classifier the label-free guard considered, with its scores (see services/must/guard.py)."""
+
+    name: str = Field(description='"zero_shot", "teacher", "student" or "teacher@<step>"')
+    step: int
+    margin: float = Field(description="The criterion: neighbourhood gain over zero-shot, in both spaces")
+    gain_zs_space: float
+    gain_own_space: float
+    zero_shot_in_own_space: float
+    balance: float = Field(description="Entropy of the predicted-class shares / log K")
+    agreement_with_zero_shot: float | None = None
+    mean_confidence: float | None = None
+
+
+class Outcome(BaseModel):
+    """What a succeeded job serves and the label-free evidence it chose on."""
+
+    served: str
+    reason: str
+    candidates: list[GuardCandidate]
+    views: dict[str, Any] | None = Field(
+        default=None, description="The student's view strength fitted without labels, and its agreement"
+    )
+    threshold: list[float] = Field(default_factory=list)
+
+
 class AdaptationPublic(BaseModel):
     """An adaptation job as clients see it."""
 
@@ -374,6 +404,12 @@ class AdaptationPublic(BaseModel):
     images_skipped: int = 0
     skipped_reasons: dict[str, int] = Field(default_factory=dict)
     artifact: ArtifactRef | None = None
+    served: str | None = Field(
+        default=None,
+        description='The classifier the job serves: "teacher", "student", "teacher@<step>", or "zero_shot" '
+        "when no adapted classifier beat zero-shot by the label-free guard",
+    )
+    outcome: Outcome | None = None
     checkpoint_uri: str | None = None
     error: JobErrorInfo | None = None
     request: dict[str, Any] = Field(description="The request as accepted (normalised AdaptationCreate)")
@@ -397,6 +433,8 @@ class AdaptationPublic(BaseModel):
             images_skipped=job.images_skipped,
             skipped_reasons=job.skipped_reasons or {},
             artifact=_artifact(job),
+            served=job.served,
+            outcome=Outcome.model_validate(job.outcome) if job.outcome else None,
             checkpoint_uri=job.checkpoint_uri,
             error=_error(job),
             request=job.request,

@@ -145,3 +145,34 @@ def test_job_summaries_read_well() -> None:
     assert job_row(job) == (job.id, "failed", "-", "500/2000", "2026-11-25 10:00:00")
     assert format_seconds(3723) == "1:02:03"
     assert format_seconds(None) == "?"
+
+
+def test_status_says_what_a_job_serves_and_why() -> None:
+    score = {"step": 0, "gain_zs_space": 0.4, "gain_own_space": 0.4, "zero_shot_in_own_space": 0.4}
+    job = AdaptationPublic.model_validate(
+        {
+            "id": "0b6f3c1e-5a52-4c3c-9d0e-2f4f3f2d9a10",
+            "status": "succeeded",
+            "created_at": datetime(2026, 11, 25, 10, 0, tzinfo=UTC),
+            "progress": {"step": 900, "total_steps": 900},
+            "served": "zero_shot",
+            "outcome": {
+                "served": "zero_shot",
+                "reason": "no adapted classifier beat zero-shot by the guard's criterion",
+                "candidates": [
+                    {"name": "zero_shot", "margin": 0.0, "balance": 0.9, **score},
+                    {"name": "teacher", "margin": -0.021, "balance": 0.8, **score, "step": 900},
+                ],
+                "views": {"crop_min": 0.85, "rand_augment": "rand-n1-m3", "hflip": False, "agreement": 0.81},
+                "threshold": [0.6],
+            },
+            "request": {},
+        }
+    )
+
+    text = describe_job(job)
+
+    assert "serves    zero_shot" in text
+    assert "why       no adapted classifier beat zero-shot" in text
+    assert "guard     margin over zero-shot: zero_shot +0.000, teacher -0.021" in text
+    assert "views     crop >= 0.85, rand-n1-m3, no flip, zero-shot agreement 0.81" in text

@@ -101,6 +101,15 @@ def test_job_trains_and_publishes_classifier(
     manifest_key = f"artifacts/adaptations/{job_id}/classifier/manifest.json"
     manifest = json.loads(s3_client.get_object(Bucket=bucket, Key=manifest_key)["Body"].read())
     assert job.artifact_sha256 == manifest["weights_sha256"]
+    # What the guard chose is recorded on the job, as in the manifest, with every candidate's score.
+    assert job.served == manifest["network"] == manifest["metrics"]["guard"]["served"]
+    assert job.outcome is not None
+    assert job.outcome["served"] == job.served
+    assert job.outcome["reason"]
+    assert job.outcome["candidates"] == manifest["metrics"]["guard"]["candidates"]
+    assert {c["name"] for c in job.outcome["candidates"]} >= {"zero_shot", "teacher", "student"}
+    assert job.outcome["views"]["target"] == 0.8
+    assert job.outcome["threshold"] == manifest["metrics"]["threshold"]
     assert job.artifact_uri == f"s3://{bucket}/artifacts/adaptations/{job_id}/classifier"
     assert job.checkpoint_uri == f"s3://{bucket}/artifacts/adaptations/{job_id}/checkpoints/latest.json"
     with session_factory() as session:

@@ -122,3 +122,47 @@ def test_metrics_come_back_in_step_order(
     later = client.get(f"/adaptations/{job_id}/metrics", params={"since_step": 10, "limit": 1}).json()
     assert [point["step"] for point in later["items"]] == [10]
     assert client.get(f"/adaptations/{job_id}").json()["latest_metrics"] == {"loss": 0.1}
+
+
+def test_a_succeeded_job_says_what_it_serves_and_why(
+    client: TestClient, session_factory: sessionmaker[Session], body: dict[str, Any]
+) -> None:
+    job_id = _submit(client, body)["id"]
+    assert client.get(f"/adaptations/{job_id}").json()["served"] is None
+    candidate = {
+        "name": "teacher",
+        "step": 600,
+        "margin": -0.012,
+        "gain_zs_space": 0.41,
+        "gain_own_space": 0.52,
+        "zero_shot_in_own_space": 0.55,
+        "balance": 0.97,
+        "agreement_with_zero_shot": 0.8,
+        "mean_confidence": 0.9,
+    }
+    zero_shot = candidate | {"name": "zero_shot", "step": 0, "margin": 0.0}
+    outcome = {
+        "served": "zero_shot",
+        "reason": "no adapted classifier beat zero-shot by the guard's criterion",
+        "candidates": [zero_shot, candidate],
+        "views": {"crop_min": 0.85, "rand_augment": "rand-n1-m3-mstd0.5-inc1", "hflip": False},
+        "threshold": [0.61],
+    }
+    with session_factory() as session:
+        repository.mark_running(session, job_id, owner="w", lease_seconds=60)
+        repository.mark_succeeded(
+            session,
+            job_id,
+            artifact_uri="s3://b/adaptations/x/classifier",
+            artifact_sha256="0" * 64,
+            owner="w",
+            served="zero_shot",
+            outcome=outcome,
+        )
+    job = client.get(f"/adaptations/{job_id}").json()
+    assert job["status"] == "succeeded"
+    assert job["served"] == "zero_shot"
+    assert job["outcome"]["reason"] == outcome["reason"]
+    assert [c["name"] for c in job["outcome"]["candidates"]] == ["zero_shot", "teacher"]
+    assert job["outcome"]["candidates"][1]["margin"] == -0.012
+    assert job["outcome"]["views"]["hflip"] is False

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from services.must.loading import LoadedClip, ModelSpec, load_clip
+from services.must.network import MustNetwork
 
 TINY_CONFIG_PATH = Path(__file__).resolve().parents[3] / "bench" / "tiny_clip" / "tiny_clip_config.json"
 
@@ -97,3 +98,13 @@ def micro_clip(tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
     save_state_dict(build_random_clip(MICRO_CONFIG), root / "w.safetensors")
     (root / "config.json").write_text(json.dumps(MICRO_CONFIG))
     return ModelSpec(config=str(root / "config.json"), checkpoint=str(root / "w.safetensors"))
+
+
+@pytest.fixture
+def micro_network(micro_clip: ModelSpec) -> MustNetwork:
+    """A MustNetwork on the micro CLIP's image tower with a seeded random 3-class head."""
+    clip = load_clip(micro_clip)
+    head = torch.nn.functional.normalize(
+        torch.randn(MICRO_CONFIG["embed_dim"], 3, generator=torch.Generator().manual_seed(0)), dim=0
+    )
+    return MustNetwork(clip.visual, head, clip.logit_scale)

@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from bench.shapes import CLASS_NAMES, iter_domain, write_folder
-from bench.tiny_clip import TINY_CLIP_HPARAMS, TINY_CLIP_SPEC
+from bench.tiny_clip import TINY_CLIP_SPEC
 from services.must.adapt import list_images, prepare, start
 from services.must.config import MustConfig
+from services.must.data import SkipReport
 from services.must.evaluation import top1
+from services.must.export import load_classifier
 from services.must.inference import ImageClassifier
 from services.must.network import MustNetwork
 
@@ -25,16 +27,20 @@ def test_short_run_raises_target_accuracy(tmp_path: Path) -> None:
     pixels, targets = zero_shot.preprocess(list(images)), torch.tensor(labels)
     before = top1(zero_shot, pixels, targets)
 
-    schedule = {"total_steps": 80, "batch_size": 64, "lr": 1e-4, "ema_start": 0.99, "ema_end": 0.995}
-    config = MustConfig.from_dict(TINY_CLIP_HPARAMS | schedule)
-    run = start(paths, CLASS_NAMES, model=TINY_CLIP_SPEC, config=config, device="cpu")
-    run.train(tmp_path / "checkpoints")
+    # The defaults on a schedule short enough for a test (the default for 800 images is 750 steps).
+    schedule = {"total_steps": 100, "lr": 1e-4, "ema_start": 0.99, "ema_end": 0.995}
+    run = start(paths, CLASS_NAMES, model=TINY_CLIP_SPEC, config=MustConfig(**schedule), device="cpu")
+    fit = run.train(tmp_path / "checkpoints")
+    run.export(tmp_path / "classifier", fit, SkipReport())
 
     def score(network: MustNetwork) -> float:
         classifier = ImageClassifier.from_network(network, CLASS_NAMES, run.prepared.clip.preprocess)
         return top1(classifier, pixels, targets)
 
-    student, teacher = score(run.task.student), score(run.task.teacher.module)
+    student = score(run.task.student)
+    served = top1(load_classifier(tmp_path / "classifier"), pixels, targets)
     assert 30.0 < before < 75.0, "the target domain must start with a real zero-shot gap"
     assert student >= before + 2.0, f"student {student:.1f} did not improve on zero-shot {before:.1f}"
-    assert teacher >= before - 1.0, f"teacher {teacher:.1f} fell below zero-shot {before:.1f}"
+    # The label-free guard never serves a classifier below zero-shot here.
+    assert run.decision is not None
+    assert served >= before, f"served {run.decision.served} at {served:.1f} < zero-shot {before:.1f}"

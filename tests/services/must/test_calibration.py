@@ -109,3 +109,33 @@ def test_teacher_confidence_over_batches() -> None:
     assert not network.training
     torch.testing.assert_close(conf, probs.max(dim=1).values)
     assert torch.equal(pred, probs.argmax(dim=1))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_calibration_measures_the_weak_view_in_training_precision(
+    micro_clip, tmp_path, precision: str
+) -> None:
+    """tau is the quantile of the teacher's probabilities on the seeded weak views, under training's
+    autocast: what training compares it with, not the eval view in fp32."""
+    from bench.shapes import write_folder
+    from services.must.adapt import _WeakView, calibrate, prepare
+    from services.must.config import resolve
+    from services.must.transforms import weak_transform
+    from services.must.views import seeded_batches
+
+    write_folder("target", 48, seed=5, out=tmp_path)
+    paths = sorted(tmp_path.glob("*.png"))
+    prepared = prepare(micro_clip, ["circle", "square", "triangle"])
+    cfg = resolve(MustConfig(precision=precision, threshold_quantile=0.3), len(paths))
+    device = torch.device("cpu")
+
+    tau = float(calibrate(prepared, paths, cfg, device))
+
+    weak = seeded_batches(paths, _WeakView(weak_transform(prepared.clip.preprocess)), cfg.seed)
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    conf, _ = teacher_confidence(prepared.network, weak, device, dtype)
+    assert tau == pytest.approx(float(torch.quantile(conf, 0.3)), abs=1e-7)
+    # In bf16 the tower's rounding moves the confidences, so fp32 would have given another tau.
+    conf_fp32, _ = teacher_confidence(prepared.network, weak, device, None)
+    if precision == "bf16":
+        assert not torch.equal(conf, conf_fp32)

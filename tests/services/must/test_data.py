@@ -224,8 +224,17 @@ def test_scan_folder_max_images(image_tree: Path) -> None:
     assert [p.name for p in images] == ["a.png", "b.JPG"]
 
 
-def test_scan_folder_is_deterministic(image_tree: Path) -> None:
-    assert scan_folder(image_tree)[0] == scan_folder(image_tree)[0]
+def test_scan_folder_order_does_not_depend_on_creation_order(tmp_path: Path) -> None:
+    """Two folders with the same files written in opposite orders list them in the same sorted order."""
+    names = ["b.png", "a.png", "sub/z.png", "c.png", "sub/a.png", "B2.png"]
+    for folder, order in (("one", names), ("two", names[::-1])):
+        for name in order:
+            path = tmp_path / folder / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(_png())
+    one = [p.relative_to(tmp_path / "one").as_posix() for p in scan_folder(tmp_path / "one")[0]]
+    two = [p.relative_to(tmp_path / "two").as_posix() for p in scan_folder(tmp_path / "two")[0]]
+    assert one == two == sorted(names)
 
 
 def test_scan_folder_missing_or_not_a_directory(tmp_path: Path) -> None:

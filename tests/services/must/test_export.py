@@ -51,7 +51,12 @@ def test_manifest_describes_the_classifier(exported) -> None:
     assert len(manifest["templates"]) == 7
     assert len(manifest["weights_sha256"]) == 64
     assert manifest["metrics"] == {"note": "test"}
-    assert (folder / WEIGHTS).read_bytes()[:8] != b"\x80\x04\x95"  # not a pickle stream
+    # safetensors: an 8-byte little-endian header length, then a JSON header (never a pickle stream).
+    raw = (folder / WEIGHTS).read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + header_len])
+    assert header["__metadata__"]["format"] == "must-classifier/1"
+    assert "head" in header
 
 
 def test_tampered_weights_are_refused(exported) -> None:

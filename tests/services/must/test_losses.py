@@ -7,7 +7,9 @@ import torch
 
 from services.must.losses import (
     alignment_loss,
+    ema_momentum,
     fairness_loss,
+    fairness_window,
     label_free_stats,
     masked_image_loss,
     self_training_loss,
@@ -67,32 +69,126 @@ def test_self_training_per_class_threshold() -> None:
 
 
 def test_fairness_uniform_is_log_k() -> None:
-    loss, p_bar = fairness_loss(torch.full((5, 4), 0.25))
+    loss, log_acc = fairness_loss(torch.full((5, 4), 0.25).log())
     assert loss.item() == pytest.approx(math.log(4), rel=1e-6)
-    assert torch.allclose(p_bar, torch.full((4,), 0.25))
+    assert torch.allclose(log_acc.exp(), torch.full((4,), 0.25))
 
 
 def test_fairness_skewed_hand_value() -> None:
     probs = torch.tensor([[0.9, 0.1], [0.5, 0.5]])
-    loss, p_bar = fairness_loss(probs)
-    assert p_bar.tolist() == pytest.approx([0.7, 0.3])
+    loss, log_acc = fairness_loss(probs.log())
+    assert log_acc.exp().tolist() == pytest.approx([0.7, 0.3])
     assert loss.item() == pytest.approx(-(math.log(0.7) + math.log(0.3)) / 2, rel=1e-6)
 
 
-def test_fairness_smoothing_mixes_and_rescales() -> None:
-    probs = torch.tensor([[0.9, 0.1], [0.5, 0.5]], requires_grad=True)
-    prev = torch.tensor([0.3, 0.7])
-    loss, p_bar = fairness_loss(probs, prev_mean=prev, momentum=0.5)
-    assert p_bar.tolist() == pytest.approx([0.5, 0.5])
-    assert not p_bar.requires_grad
-    assert loss.item() == pytest.approx(math.log(2) / 0.5, rel=1e-6)
+def test_fairness_running_estimate_hand_values() -> None:
+    """Two batches with m = 0.5: A1 = 0.5 b1, A2 = 0.25 b1 + 0.5 b2, p_bar2 = A2 / 0.75."""
+    b1 = torch.tensor([[0.9, 0.1], [0.5, 0.5]])  # mean [0.7, 0.3]
+    b2 = torch.tensor([[0.2, 0.8], [0.4, 0.6]])  # mean [0.3, 0.7]
+    loss1, log_a1 = fairness_loss(b1.log(), momentum=0.5)
+    assert log_a1.exp().tolist() == pytest.approx([0.35, 0.15])
+    assert loss1.item() == pytest.approx(-(math.log(0.7) + math.log(0.3)) / 2, rel=1e-6)  # debiased
+
+    loss2, log_a2 = fairness_loss(b2.log(), log_a1, steps=1, momentum=0.5)
+    assert log_a2.exp().tolist() == pytest.approx([0.325, 0.425])
+    p_bar = torch.tensor([0.325, 0.425]) / 0.75
+    assert loss2.item() == pytest.approx(float(-p_bar.log().mean()), rel=1e-6)
+    assert not log_a2.requires_grad
+    # Each sample's gradient is -(1/K) / (B p_bar): the current batch's share (0.5 / 0.75) is undone.
+    log_b2 = b2.log().requires_grad_(True)
+    loss3, _ = fairness_loss(log_b2, log_a1, steps=1, momentum=0.5)
+    loss3.backward()
+    per_prob = (-(1 / 2) / (2 * p_bar)).expand(2, 2)
+    assert log_b2.grad is not None
+    assert torch.allclose(log_b2.grad, per_prob * b2, atol=1e-6)  # d/d log p = p * d/dp
+
+
+def test_fairness_starved_class_keeps_an_exact_log_and_its_gradient() -> None:
+    """A class whose probability underflows to 0 in fp32 still gets a finite loss and a push up."""
+    logits = torch.tensor([[0.0, 0.0, -200.0], [0.0, 0.0, -200.0]], requires_grad=True)
+    assert logits.softmax(-1)[0, 2].item() == 0.0  # a probability floor would see nothing here
+    loss, log_acc = fairness_loss(logits.log_softmax(-1))
+    assert torch.isfinite(loss)
+    assert log_acc[2].item() == pytest.approx(-200.0 - math.log(2), abs=1e-3)
+    loss.backward()
+    assert logits.grad is not None
+    # The starved class's logit gets the strongest push up: (1/K) per sample (exactly, p_k / p_bar_k).
+    assert logits.grad[:, 2].tolist() == pytest.approx([-1 / 3 / 2, -1 / 3 / 2], rel=1e-4)
+
+
+def test_ema_momentum_matches_the_window_in_variance() -> None:
+    assert ema_momentum(64, 1024) == pytest.approx(15 / 17)
+    assert ema_momentum(1024, 1024) == 0.0
+    assert ema_momentum(4096, 1024) == 0.0
+    m = ema_momentum(32, 1024)
+    assert (1 + m) / (1 - m) * 32 == pytest.approx(1024)
+
+
+def _confident_batch(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Log-probabilities of a correct, balanced, confident classifier: 0.9 on a uniform class."""
+    labels = torch.randint(0, k, (n,), generator=gen)
+    logits = torch.randn(n, k, generator=gen) * 0.5
+    logits[torch.arange(n), labels] += math.log(0.9 * (k - 1) / 0.1)
+    return logits.log_softmax(-1)
+
+
+def _push(log_probs: torch.Tensor, **running: object) -> float:
+    """Per-sample strength of the fairness gradient: mean over classes of |N dL/dp_ik|, N = batch."""
+    probs = log_probs.exp().requires_grad_(True)
+    loss, _ = fairness_loss(probs.log(), **running)  # type: ignore[arg-type]
     loss.backward()
     assert probs.grad is not None
+    return float(probs.grad.abs().mean() * probs.shape[0])
 
 
-def test_fairness_empty_class_is_finite() -> None:
-    loss, _ = fairness_loss(torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
-    assert torch.isfinite(loss)
+def _reference_push(k: int, gen: torch.Generator, batches: int = 12) -> float:
+    """The reference code's push: mean over a global batch of 1,024; from K = 512 on, smoothed
+    half and half with its previous (detached) estimate and divided by 0.5."""
+    prev, pushes = None, []
+    for i in range(batches):
+        probs = _confident_batch(1024, k, gen).exp().requires_grad_(True)
+        p_bar = probs.mean(0)
+        if k >= 512 and prev is not None:
+            p_bar = 0.5 * prev + 0.5 * p_bar
+            loss = -p_bar.log().mean() / 0.5
+        else:
+            loss = -p_bar.log().mean()
+        loss.backward()
+        prev = p_bar.detach()
+        assert probs.grad is not None
+        if i >= 4:
+            pushes.append(float(probs.grad.abs().mean() * 1024))
+    return sum(pushes) / len(pushes)
+
+
+@pytest.mark.parametrize("k", [10, 100, 1000])
+def test_fairness_gradient_at_batch_64_matches_the_1024_sample_reference(k: int) -> None:
+    """The running estimate at batch 64 pushes as hard as the reference's global batch of 1,024.
+
+    A plain batch-of-64 mean (the old behaviour) over-pushes once K passes ~30: with 64 samples
+    most classes get almost no mass, and 1 / p_bar explodes.
+    """
+    gen = torch.Generator().manual_seed(k)
+    reference = _reference_push(k, gen)
+    momentum = ema_momentum(64, fairness_window(k))
+    log_acc, pushes = None, []
+    for step in range(300):
+        batch = _confident_batch(64, k, gen)
+        if step >= 150:
+            pushes.append(_push(batch, log_running=log_acc, steps=step, momentum=momentum))
+        _, log_acc = fairness_loss(batch, log_acc, steps=step, momentum=momentum)
+    running = sum(pushes) / len(pushes)
+    naive = sum(_push(_confident_batch(64, k, gen)) for _ in range(16)) / 16
+    assert running == pytest.approx(reference, rel=0.2)
+    if k >= 100:
+        assert naive > 3 * reference
+
+
+def test_fairness_window_follows_the_class_count() -> None:
+    assert fairness_window(10) == 1024
+    assert fairness_window(341) == 1024
+    assert fairness_window(1000) == 3000
+    assert fairness_window(10, samples=4096) == 4096
 
 
 def test_masked_image_loss_counts_masked_pixels_only() -> None:

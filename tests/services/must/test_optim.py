@@ -55,7 +55,7 @@ def _group_of(groups: list[dict], param: nn.Parameter) -> dict:
         ("visual.class_embedding", 0),
         ("visual.positional_embedding", 0),
         ("visual.ln_pre.bias", 0),
-        ("mask_token", 0),
+        ("mask_token", NUM_LAYERS + 1),
         ("visual.transformer.resblocks.0.attn.in_proj_weight", 1),
         ("transformer.resblocks.1.mlp.c_fc.bias", 2),
         ("visual.ln_post.weight", 3),
@@ -89,7 +89,10 @@ def test_no_weight_decay_params(model: _Wrapper, groups: list[dict]) -> None:
             assert group["weight_decay"] == 0.0, name
     for param in (model.visual.positional_embedding, model.mask_token, model.decoder.bias):
         assert _group_of(groups, param)["weight_decay"] == 0.0
-    assert _group_of(groups, model.mask_token)["layer_id"] == 0
+    # MUST's new modules train at the full rate, the mask token included (not the embeddings' 0.65^3).
+    mask_group = _group_of(groups, model.mask_token)
+    assert mask_group["layer_id"] == NUM_LAYERS + 1
+    assert mask_group["lr"] == pytest.approx(LR)
 
 
 def test_every_trainable_param_in_exactly_one_group(model: _Wrapper, groups: list[dict]) -> None:

@@ -43,7 +43,10 @@ def test_progress_and_checkpoints(micro_clip: ModelSpec, images: Path, tmp_path:
         images, CLASSES, out_dir=tmp_path, model=micro_clip, config=_config(), hooks=TrainerHooks(seen.append)
     )
     assert [m.step for m in seen] == [1, 2, 3, 4, 5, 6]
-    assert all(m.total_steps == 6 and m.images_per_sec > 0 for m in seen)
+    assert all(m.total_steps == 6 for m in seen)
+    # The rate is one batch over that step's own wall time (elapsed between consecutive steps).
+    for before, after in zip(seen, seen[1:], strict=False):
+        assert after.images_per_sec * (after.elapsed_s - before.elapsed_s) == pytest.approx(8, rel=1e-3)
     assert {"loss", "self_training", "fairness", "mim", "align"} <= set(seen[-1].losses)
     assert {"confident_fraction", "agreement", "mean_pred_entropy"} <= set(seen[-1].stats)
     assert all(torch.isfinite(torch.tensor(list(m.losses.values()))).all() for m in seen)
@@ -54,7 +57,12 @@ def test_progress_and_checkpoints(micro_clip: ModelSpec, images: Path, tmp_path:
     assert kept == ["step-000004.safetensors", "step-000006.safetensors"]
     manifest = json.loads((tmp_path / "classifier" / "manifest.json").read_text())
     assert manifest["class_names"] == CLASSES
-    assert manifest["network"] == "teacher"
+    guard = manifest["metrics"]["guard"]
+    assert manifest["network"] == guard["served"]
+    names = [c["name"] for c in guard["candidates"]]
+    # Zero-shot, the teacher at a quarter, half and three quarters of the 6 steps, and both at the end.
+    assert names == ["zero_shot", "teacher@2", "teacher@3", "teacher@4", "teacher", "student"]
+    assert guard["reason"]
 
 
 def test_cancel_then_resume_matches_uninterrupted_run(
@@ -108,22 +116,55 @@ def test_resume_refuses_a_corrupt_checkpoint(micro_clip: ModelSpec, images: Path
         adapt(images, CLASSES, out_dir=tmp_path, model=micro_clip, config=_config(total_steps=4))
 
 
-def test_bf16_autocast_runs_and_auto_stays_fp32_on_cpu(
-    micro_clip: ModelSpec, images: Path, tmp_path: Path
+@pytest.mark.parametrize(("precision", "tower_dtype"), [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_precision_reaches_the_training_step(
+    micro_clip: ModelSpec, images: Path, tmp_path: Path, precision: str, tower_dtype: torch.dtype
 ) -> None:
+    """The transformer runs in the configured precision in training; logits and losses stay fp32."""
+    from services.must.adapt import list_images, start
     from services.must.trainer import autocast_dtype
 
     assert autocast_dtype("auto", torch.device("cpu")) is None
     assert autocast_dtype("fp32", torch.device("cuda")) is None
     assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    paths, _ = list_images(images)
+    config = _config(total_steps=2, precision=precision)
+    run = start(paths, CLASSES, model=micro_clip, config=config, device="cpu")
     seen: list[StepMetrics] = []
-    adapt(
-        images,
-        CLASSES,
-        out_dir=tmp_path,
-        model=micro_clip,
-        config=_config(total_steps=2, precision="bf16"),
-        hooks=TrainerHooks(seen.append),
-    )
+    dtypes: list[torch.dtype] = []
+    transformer = run.task.student.visual.transformer
+    handle = transformer.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    try:
+        run.train(tmp_path / "checkpoints", TrainerHooks(seen.append))
+    finally:
+        handle.remove()
     assert len(seen) == 2
     assert all(torch.isfinite(torch.tensor(list(m.losses.values()))).all() for m in seen)
+    assert dtypes
+    assert set(dtypes) == {tower_dtype}
+
+
+def test_a_resumed_run_keeps_the_views_its_checkpoint_trained_with(
+    micro_clip: ModelSpec, images: Path, tmp_path: Path
+) -> None:
+    from services.must.adapt import list_images, start
+
+    chosen = {"strong_crop_min": 0.5, "rand_augment": "rand-n2-m7-mstd0.5-inc1", "hflip": False}
+    adapt(images, CLASSES, out_dir=tmp_path, model=micro_clip, config=_config(total_steps=2, **chosen))
+    paths, _ = list_images(images)
+
+    fresh = start(paths, CLASSES, model=micro_clip, config=_config(total_steps=4), device="cpu")
+    resumed = start(
+        paths,
+        CLASSES,
+        model=micro_clip,
+        config=_config(total_steps=4),
+        device="cpu",
+        checkpoint_dir=tmp_path / "checkpoints",
+    )
+
+    assert fresh.views is not None  # fitted: the config left the views to the job
+    assert (fresh.config.strong_crop_min, fresh.config.rand_augment) != (0.5, chosen["rand_augment"])
+    assert resumed.config.strong_crop_min == 0.5
+    assert resumed.config.rand_augment == chosen["rand_augment"]
+    assert resumed.config.hflip is False

@@ -7,8 +7,8 @@
   again the message of a job that stays queued (a broker restart without persistence loses it).
 - `jobs.storage_requeues`: how often the job went back to the queue because S3 was unreachable.
 
-Revision ID: 0002_tenants
-Revises: 0001
+Revision ID: 0003_tenants
+Revises: 0002
 Create Date: 2026-12-10
 """
 
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0002_tenants"
-down_revision: str | Sequence[str] | None = "0001"
+revision: str = "0003_tenants"
+down_revision: str | Sequence[str] | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
