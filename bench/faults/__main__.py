@@ -155,6 +155,7 @@ def _report(
             "requests": loaded.requests,
             "p50_ms": loaded.p50_ms,
             "p95_ms": loaded.p95_ms,
+            "max_ms": loaded.max_ms,
             "notes": loaded.notes,
         },
     }
@@ -220,6 +221,7 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
             "bomb + concurrent clients",
             f"{load_['requests']} requests",
             f"bomb {load_['bomb_status']}, {report['errors']} errors, p50 {load_['p50_ms']:.0f} ms, "
+            f"max {load_['max_ms']:.0f} ms, "
             f"peak RSS {report['peak_rss_mb']:.0f} MB",
         ),
     ]

@@ -25,6 +25,7 @@ class LoadOutcome:
     errors: int = 0
     p50_ms: float = 0.0
     p95_ms: float = 0.0
+    max_ms: float = 0.0
     peak_rss_mb: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -65,7 +66,8 @@ async def _client(
         except httpx.HTTPError as exc:
             ok = False
             if len(out.notes) < 5:
-                out.notes.append(f"{type(exc).__name__}: {exc}")
+                took = time.perf_counter() - start
+                out.notes.append(f"{type(exc).__name__} after {took:.2f} s: {exc!r}")
         latencies.append(time.perf_counter() - start)
         out.requests += 1
         out.errors += not ok
@@ -86,6 +88,7 @@ async def _clients(stack: Stack, adaptation_id: str, clients: int, seconds: floa
         ordered = sorted(latencies)
         out.p50_ms = 1000 * statistics.median(ordered)
         out.p95_ms = 1000 * ordered[int(0.95 * (len(ordered) - 1))]
+        out.max_ms = 1000 * ordered[-1]
 
 
 def load(stack: Stack, adaptation_id: str, *, clients: int, seconds: float) -> LoadOutcome:

@@ -44,8 +44,8 @@ def _status(code: int) -> Callable[[httpx.Response], bool]:
     return lambda answer: answer.status_code == code
 
 
-def _crossing(stack: Stack, out: TenancyOutcome, owner: str, other: str, job_id: str) -> None:
-    """`other` acting on `owner`'s job."""
+def _crossing(stack: Stack, out: TenancyOutcome, owner: str, other: str, job_id: str, own_job: str) -> None:
+    """`other` (whose own job is `own_job`) acting on `owner`'s job."""
     image = _png()
     url = stack.put(f"faults/tenancy/{other}.png", image)
     artifact = stack.uri(f"platform/adaptations/{job_id}/classifier/model.safetensors")
@@ -126,8 +126,8 @@ def _without_keys(stack: Stack, out: TenancyOutcome, job_id: str) -> None:
 def tenancy(jobs: Jobs, alpha_job: str, beta_job: str) -> TenancyOutcome:
     """Every crossing in both directions, the owners' and admin's own access, and keyless access."""
     out = TenancyOutcome()
-    _crossing(jobs.stack, out, "alpha", "beta", alpha_job)
-    _crossing(jobs.stack, out, "beta", "alpha", beta_job)
+    _crossing(jobs.stack, out, "alpha", "beta", alpha_job, own_job=beta_job)
+    _crossing(jobs.stack, out, "beta", "alpha", beta_job, own_job=alpha_job)
     _owners_and_admin(jobs.stack, out, "alpha", alpha_job)
     _owners_and_admin(jobs.stack, out, "beta", beta_job)
     _idempotency(jobs, out)
