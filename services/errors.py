@@ -40,6 +40,10 @@ class StorageError(DomainError):
     """The object store failed or refused an operation."""
 
 
+class StorageUnavailable(StorageError):
+    """The object store could not be reached or answered with a server error: worth retrying later."""
+
+
 class BucketNotFound(StorageError):
     """The bucket (or local root folder) does not exist."""
 
@@ -63,3 +67,7 @@ class ObjectTooLarge(StorageError):
         seen = f" ({size} bytes)" if size is not None else ""
         super().__init__(f"object {uri!r}{seen} is larger than the {limit}-byte read limit")
         self.uri, self.limit, self.size = uri, limit, size
+
+
+class RequestTooLarge(DomainError):
+    """The request is over a size limit (body bytes, files, pixels) and was not processed."""

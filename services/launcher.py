@@ -193,8 +193,21 @@ class Platform:
         self.stop()
 
 
+def _stop_on_sigterm() -> None:
+    """Make SIGTERM (what `kill`, systemd and container runtimes send) stop the platform as Ctrl-C does.
+
+    Python's default SIGTERM action ends the process at once, without unwinding: the children
+    would be left running, orphaned.
+    """
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Serve the platform in the foreground until Ctrl-C."""
+    """Serve the platform in the foreground until Ctrl-C or SIGTERM, then stop every child."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -203,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inference-port", type=int, default=8001)
     parser.add_argument("--log-dir", type=Path, default=Path(".must/logs"))
     args = parser.parse_args(argv)
+    _stop_on_sigterm()
     platform = Platform(
         env={},
         log_dir=args.log_dir,
@@ -210,17 +224,25 @@ def main(argv: list[str] | None = None) -> int:
         control_port=args.control_port,
         inference_port=args.inference_port,
     )
-    with platform:
+    try:
+        platform.start()
+    except KeyboardInterrupt:  # stopped while starting: start() has already stopped what it began
+        return 0
+    try:
         print(f"control API  {platform.control_url}/docs")
         print(f"inference    {platform.inference_url}/docs")
         print(f"logs         {args.log_dir}/  (Ctrl-C stops everything)")
-        try:
-            while True:
-                for child in platform.children.values():
-                    child.check_alive()
-                time.sleep(1)
-        except KeyboardInterrupt:
-            pass
+        while True:
+            for child in platform.children.values():
+                child.check_alive()
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        # Ignore further signals while the children shut down, so a second one cannot orphan them.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        platform.stop()
     return 0
 
 

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from services.config import LimitsSettings, Settings
-from services.errors import ObjectNotFound, ObjectTooLarge, StorageError
+from services.errors import ObjectNotFound, ObjectTooLarge, StorageError, StorageUnavailable
 from services.must.data import IMAGE_EXTENSIONS, ImageLoadError, SkipReport, decode_image
 from services.must.errors import DatasetError
 from services.storage.base import ObjectStore
 from services.storage.object_store import open_store
+from services.storage.retrying import RetryingStore
 
 # Downloads are network-bound, so a few threads hide the per-object latency of S3.
 DOWNLOAD_THREADS = 8
@@ -111,7 +112,10 @@ def stage_images(
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         store, prefix = open_store(uri, settings)
-        staged = _stage(store, _folder_prefix(prefix), out_dir, settings, max_images)
+        retrying = RetryingStore(store, settings.worker.storage_retry_seconds)
+        staged = _stage(retrying, _folder_prefix(prefix), out_dir, settings, max_images)
+    except StorageUnavailable:
+        raise  # still unreachable after the retries: not the dataset's fault, the job is requeued
     except StorageError as exc:
         raise DatasetError(f"cannot read the dataset at {uri}: {exc}") from exc
     if not staged.paths:

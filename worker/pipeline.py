@@ -23,9 +23,18 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.config import Settings
-from services.errors import InvalidJobTransition, JobNotFound, ObjectNotFound, StorageError
+from services.errors import (
+    DomainError,
+    InvalidJobTransition,
+    InvalidRequest,
+    JobNotFound,
+    ObjectNotFound,
+    StorageError,
+    StorageUnavailable,
+)
 from services.jobs import repository
 from services.jobs.states import JobPhase
+from services.locations import check_request_locations
 from services.must.adapt import Adaptation, default_device, start
 from services.must.checkpoint import LATEST, CheckpointFiles, read_latest
 from services.must.config import MustConfig
@@ -37,8 +46,10 @@ from services.schemas.jobs import AdaptationCreate
 from services.storage import keys
 from services.storage.base import ObjectStore
 from services.storage.object_store import local_copy, open_store, publish
+from services.storage.retrying import RetryingStore, retry_storage
 from worker.dataset import StagedImages, stage_images
 from worker.progress import keep_lease, make_cancel_check, make_progress_reporter
+from worker.store_care import prune_checkpoints, requeue_after_outage
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +105,18 @@ def _read_request(ctx: JobContext) -> AdaptationCreate:
     with ctx.session_factory() as session:
         request = repository.get_job(session, ctx.job_id).request
     try:
-        return AdaptationCreate.model_validate(request)
+        checked = AdaptationCreate.model_validate(request)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(part) for part in err['loc']) or 'request'}: {err['msg']}" for err in exc.errors()
         )
         raise ConfigError(f"the job's request is invalid: {problems}") from exc
+    try:
+        # Again here, with this worker's settings: nothing a request names may open the worker's files.
+        check_request_locations(checked, ctx.settings)
+    except InvalidRequest as exc:
+        raise ConfigError(f"the job's request is invalid: {exc.message}") from exc
+    return checked
 
 
 def _local_model_file(location: str | None, ctx: JobContext) -> str | None:
@@ -107,7 +124,12 @@ def _local_model_file(location: str | None, ctx: JobContext) -> str | None:
     if location is None:
         return None
     try:
-        return local_copy(location, ctx.work_dir / "model", ctx.settings)
+        return retry_storage(
+            lambda: local_copy(location, ctx.work_dir / "model", ctx.settings),
+            ctx.settings.worker.storage_retry_seconds,
+        )
+    except StorageUnavailable:
+        raise  # the store is away, the file may well be fine: the job goes back to the queue
     except StorageError as exc:
         raise ModelLoadError(f"cannot download the model file {location}: {exc}") from exc
 
@@ -145,6 +167,8 @@ def _start(ctx: JobContext, request: AdaptationCreate, staged: StagedImages) -> 
         pretrained=model.pretrained,
         checkpoint=_local_model_file(model.checkpoint, ctx),
         config=_local_model_file(model.config, ctx),
+        allow_download=ctx.settings.models.allow_downloads,
+        download_timeout=ctx.settings.models.download_timeout_seconds,
     )
     return start(
         staged.paths,
@@ -221,6 +245,7 @@ def _publish_checkpoint(ctx: JobContext, files: CheckpointFiles, lost: threading
     with ctx.session_factory() as session:
         latest = ctx.store.uri(ctx.key(keys.latest_checkpoint_key(ctx.job_id)))
         repository.update_progress(session, ctx.job_id, owner=ctx.owner, checkpoint_uri=latest)
+    prune_checkpoints(ctx.store, ctx.store_prefix, ctx.job_id, ctx.settings.worker.keep_checkpoints)
 
 
 def _train(ctx: JobContext, run: Adaptation, lost: threading.Event) -> FitResult:
@@ -296,6 +321,15 @@ def _run(ctx: JobContext, lost: threading.Event) -> None:
     log.info("job %s succeeded: serves %s (%s)", ctx.job_id, manifest.network, outcome.get("reason", ""))
 
 
+def public_message(ctx: JobContext, exc: BaseException) -> str:
+    """What the job's error says to clients: the engine's or core's own message without the
+    worker's folders; for anything unexpected (a database error quoting its SQL, a library's
+    internals) only its type, the rest stays in the stored traceback and the worker's log."""
+    if isinstance(exc, MustError | DomainError):
+        return str(exc).replace(str(ctx.work_dir), "<job files>")
+    return f"internal error ({type(exc).__name__}); the worker's log has the details of job {ctx.job_id}"
+
+
 def _fail(ctx: JobContext, exc: BaseException, tb: str | None) -> None:
     """Record the failure; `tb` only for unexpected errors, where the stack is what helps."""
     with ctx.session_factory() as session:
@@ -303,7 +337,7 @@ def _fail(ctx: JobContext, exc: BaseException, tb: str | None) -> None:
             session,
             ctx.job_id,
             error_type=type(exc).__name__,
-            message=str(exc),
+            message=public_message(ctx, exc),
             traceback=tb,
             owner=ctx.owner,
         )
@@ -318,6 +352,18 @@ def _cancelled(ctx: JobContext, lost: threading.Event) -> None:
     with ctx.session_factory() as session:
         repository.mark_cancelled(session, ctx.job_id, owner=ctx.owner)
     log.info("job %s cancelled", ctx.job_id)
+
+
+def _requeue_or_fail(ctx: JobContext, lost: threading.Event, exc: StorageUnavailable) -> bool:
+    """After the store stayed away through the retries: back to the queue, or failed past the limit."""
+    if lost.is_set():
+        return False
+    if requeue_after_outage(
+        ctx.session_factory, ctx.job_id, owner=ctx.owner, settings=ctx.settings, reason=str(exc)
+    ):
+        return True
+    _fail(ctx, exc, None)
+    return False
 
 
 def _context(
@@ -335,7 +381,7 @@ def _context(
         settings=settings,
         session_factory=session_factory,
         work_dir=(work_dir or default_work_dir()) / job_id,
-        store=store,
+        store=RetryingStore(store, settings.worker.storage_retry_seconds),
         store_prefix=prefix,
         device=torch.device(device) if device is not None else default_device(),
     )
@@ -349,14 +395,15 @@ def run_training_job(
     device: torch.device | str | None = None,
     worker_id: str,
     work_dir: Path | None = None,
-) -> None:
+) -> bool:
     """Run one job to a terminal state; return quietly if another worker holds it or it is finished.
 
     Engine errors fail the job with their message; anything else also fails it (with the
-    traceback) and is re-raised for the task runner to log.
+    traceback) and is re-raised for the task runner to log. True means the object store stayed
+    unreachable and the job went back to the queue: the caller sends its message again.
     """
     if not _acquire(job_id, session_factory, settings, worker_id):
-        return
+        return False
     ctx = _context(job_id, session_factory, settings, device, worker_id, work_dir)
     worker = settings.worker
     lease = keep_lease(
@@ -371,6 +418,8 @@ def run_training_job(
             _run(ctx, lost)
         except Cancelled:
             _cancelled(ctx, lost)
+        except StorageUnavailable as exc:
+            return _requeue_or_fail(ctx, lost, exc)
         except MustError as exc:
             _fail(ctx, exc, None)
         except Exception as exc:
@@ -380,3 +429,4 @@ def run_training_job(
             # Checkpoints live in the artifacts store, so the local cache is only worth its disk space
             # until the job stops; a killed process never gets here and a resume reuses its downloads.
             shutil.rmtree(ctx.work_dir, ignore_errors=True)
+    return False

@@ -1,10 +1,18 @@
-"""Re-enqueue jobs whose worker died, so a job outlives a killed worker even without redelivery.
+"""Bring back jobs the queue lost track of: a dead worker's job, and a queued job whose message is gone.
 
-Every worker process runs `requeue_stale_jobs` in a background thread. Redis redelivers an
-unacknowledged message only after the broker's visibility timeout (hours, since it must outlast
-the longest job) and the `filesystem://` broker never does, so the reconciler is what brings a
-crashed job back within about a lease. Several workers reconciling at once is safe: moving a job
-from running back to queued is a conditional update that only one of them wins.
+Every worker process runs `reconcile` in a background thread:
+
+- `requeue_stale_jobs`: a running job whose lease expired (its worker died) goes back to queued
+  and its message is sent again. Redis redelivers an unacknowledged message only after the
+  broker's visibility timeout (hours, since it must outlast the longest job) and the
+  `filesystem://` broker never does, so this is what brings a crashed job back within a lease.
+- `resend_lost_messages`: a queued job whose message was sent more than
+  `worker.requeue_queued_after_seconds` ago and that the broker no longer holds (a Redis restart
+  without persistence loses every queued message) gets its message again.
+
+No job runs twice: several workers reconciling at once each claim a job with a conditional
+update that only one wins, a duplicate message finds the job's lease held (or the job finished)
+and returns at once, and a worker only ever runs a job it holds the lease of.
 """
 
 from __future__ import annotations
@@ -12,46 +20,100 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from datetime import timedelta
 
 from kombu.exceptions import KombuError
+from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from services.db.types import utcnow
 from services.jobs import repository
+from worker.broker import task_ids_in_broker
 from worker.celery_app import GPU_QUEUE, TRAIN_TASK
 
 log = logging.getLogger(__name__)
 
+# Called like `celery_app.send_task(name, kwargs=..., queue=...)`; its result's `id` is the task id.
+QueueSend = Callable[..., object]
+# The task ids the broker holds now, or None when it cannot tell.
+BrokerContents = Callable[[], set[str] | None]
 
-def requeue_stale_jobs(
-    session_factory: sessionmaker[Session], queue_send: Callable[..., object]
-) -> list[str]:
-    """Put running jobs with an expired lease back to queued and send each again; return their ids.
 
-    `queue_send` is called like `celery_app.send_task(name, kwargs=..., queue=...)`.
-    """
+def send_job(session_factory: sessionmaker[Session], queue_send: QueueSend, job_id: str) -> None:
+    """Send the job's message and record its task id and when it was sent."""
+    result = queue_send(TRAIN_TASK, kwargs={"msg": {"job_id": job_id}}, queue=GPU_QUEUE)
+    task_id = getattr(result, "id", None)
+    with session_factory() as session:
+        repository.set_celery_task_id(session, job_id, task_id=str(task_id) if task_id else "")
+
+
+def requeue_stale_jobs(session_factory: sessionmaker[Session], queue_send: QueueSend) -> list[str]:
+    """Put running jobs with an expired lease back to queued and send each again; return their ids."""
     with session_factory() as session:
         job_ids = repository.requeue_stale(session)
     for job_id in job_ids:
-        queue_send(TRAIN_TASK, kwargs={"msg": {"job_id": job_id}}, queue=GPU_QUEUE)
+        send_job(session_factory, queue_send, job_id)
         log.info("re-enqueued stale job %s", job_id)
     return job_ids
 
 
+def resend_lost_messages(
+    session_factory: sessionmaker[Session],
+    queue_send: QueueSend,
+    *,
+    after_seconds: float,
+    in_broker: BrokerContents,
+) -> list[str]:
+    """Send again the message of every job queued for over `after_seconds` whose message is gone."""
+    cutoff = utcnow() - timedelta(seconds=after_seconds)
+    with session_factory() as session:
+        waiting = repository.queued_before(session, cutoff)
+    if not waiting:
+        return []
+    present = in_broker()
+    resent = []
+    for job_id, task_id in waiting:
+        if present is not None and task_id and task_id in present:
+            continue  # still waiting for a free worker
+        with session_factory() as session:
+            if not repository.claim_resend(session, job_id, cutoff=cutoff):
+                continue  # another worker's reconciler got there first, or a worker took the job
+        send_job(session_factory, queue_send, job_id)
+        log.warning("job %s was queued without a message in the broker; sent it again", job_id)
+        resent.append(job_id)
+    return resent
+
+
+def broker_contents(broker_url: str, delivered_within_s: float) -> BrokerContents:
+    """A `BrokerContents` for the configured broker (Redis can be listed; others say None)."""
+    return lambda: task_ids_in_broker(broker_url, GPU_QUEUE, delivered_within_s=delivered_within_s)
+
+
 def start_reconciler(
     session_factory: sessionmaker[Session],
-    queue_send: Callable[..., object],
+    queue_send: QueueSend,
     every_seconds: float,
     stop: threading.Event | None = None,
+    *,
+    resend_after_seconds: float | None = None,
+    in_broker: BrokerContents = lambda: None,
 ) -> threading.Thread:
-    """Run `requeue_stale_jobs` now and then every `every_seconds` in a daemon thread until `stop`."""
+    """Reconcile now and then every `every_seconds` in a daemon thread until `stop`.
+
+    With `resend_after_seconds`, lost messages of queued jobs are sent again too.
+    """
     stop = stop or threading.Event()
 
     def loop() -> None:
         while True:
             try:
                 requeue_stale_jobs(session_factory, queue_send)
-            except (SQLAlchemyError, KombuError, OSError) as exc:
+                if resend_after_seconds is not None:
+                    resend_lost_messages(
+                        session_factory, queue_send, after_seconds=resend_after_seconds, in_broker=in_broker
+                    )
+            except (SQLAlchemyError, KombuError, RedisError, OSError) as exc:
                 # The database or broker may be briefly away; the next pass tries again.
                 log.warning("reconciler pass failed: %s", exc)
             if stop.wait(every_seconds):

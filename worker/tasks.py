@@ -15,7 +15,7 @@ from services.db.session import make_engine, make_session_factory
 from services.schemas.jobs import TrainJobMessage
 from worker.celery_app import TRAIN_TASK, celery_app
 from worker.pipeline import run_training_job
-from worker.reconcile import start_reconciler
+from worker.reconcile import broker_contents, send_job, start_reconciler
 
 
 @cache
@@ -28,12 +28,22 @@ def session_factory() -> sessionmaker[Session]:
 def train_must(self: Task, msg: TrainJobMessage) -> None:
     """Run the adaptation job `msg.job_id` (resuming it if an earlier attempt left a checkpoint)."""
     worker_id = f"{socket.gethostname()}:{os.getpid()}:{self.request.id}"
-    run_training_job(
+    requeued = run_training_job(
         msg.job_id, session_factory=session_factory(), settings=get_settings(), worker_id=worker_id
     )
+    if requeued:  # the object store stayed away: the job resumes from its checkpoint on a later attempt
+        send_job(session_factory(), celery_app.send_task, msg.job_id)
 
 
 @worker_ready.connect
 def _start_reconciler(**_: object) -> None:
-    """Each worker brings back jobs whose worker died (see worker.reconcile)."""
-    start_reconciler(session_factory(), celery_app.send_task, get_settings().worker.reconcile_every_seconds)
+    """Each worker brings back jobs whose worker died or whose message was lost (see worker.reconcile)."""
+    settings = get_settings()
+    after = settings.worker.requeue_queued_after_seconds
+    start_reconciler(
+        session_factory(),
+        celery_app.send_task,
+        settings.worker.reconcile_every_seconds,
+        resend_after_seconds=after,
+        in_broker=broker_contents(settings.broker.url, after),
+    )

@@ -1,16 +1,21 @@
-"""API-key authentication shared by the control API and the inference service.
+"""API-key authentication and tenancy, shared by the control API and the inference service.
 
 A request carries its key as `Authorization: Bearer <key>` (what Prometheus and most HTTP
-clients send) or `X-API-Key: <key>`. Keys come from `settings.api_keys`; every configured key is
-compared with `hmac.compare_digest`, so the answer time does not say how much of a guess was
-right, nor which key matched. Authentication is off only in the embedded environment (one
-machine, loopback); everywhere else a request without a valid key is answered 401. The health
+clients send) or `X-API-Key: <key>`. A key is either an env-var key (`MUST_API_KEYS`,
+`MUST_ADMIN_API_KEYS`: every one compared with `hmac.compare_digest`, so the answer time does not
+say how much of a guess was right, nor which key matched) or a key stored hashed in the job
+database (`must-keys`; looked up by its SHA-256, remembered for `api_key_cache_seconds`, so a new
+or revoked key takes effect without a restart). Each key belongs to a tenant; the routes scope
+jobs to the request's `Principal`. Authentication is off only in the embedded environment (one
+machine, loopback), where every request acts as an admin of the default tenant. The health
 probes are mounted without this dependency, so load balancers and orchestrators need no key.
 """
 
 from __future__ import annotations
 
 import hmac
+import threading
+import time
 from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Annotated
@@ -18,16 +23,27 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Request, Security
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
 
-from services.config import Settings
+from api.common.errors import ServiceUnavailable
+from services.auth.keys import Principal, find_principal, hash_key
+from services.config import DEFAULT_TENANT, Settings
 from services.errors import DomainError
 
 API_KEY_HEADER = "X-API-Key"
 HOW_TO_SEND = f"send 'Authorization: Bearer <key>' or '{API_KEY_HEADER}: <key>'"
+# Longer strings are not keys; refusing them early keeps hashing and comparing cheap.
+MAX_KEY_CHARS = 512
+EMBEDDED_PRINCIPAL = Principal(tenant=DEFAULT_TENANT, admin=True)
 
 
 class Unauthorized(DomainError):
     """The request has no API key, or one that is not configured on this service."""
+
+
+class KeyStoreUnavailable(ServiceUnavailable):
+    """The database holding the stored keys cannot be read, so a key cannot be checked."""
 
 
 def auth_required(settings: Settings) -> bool:
@@ -37,12 +53,49 @@ def auth_required(settings: Settings) -> bool:
 
 def key_matches(candidate: str, keys: Sequence[str]) -> bool:
     """Whether `candidate` is one of `keys`, comparing against every key in constant time."""
+    return env_principal(candidate, [(DEFAULT_TENANT, key, False) for key in keys]) is not None
+
+
+def env_principal(candidate: str, keys: Sequence[tuple[str, str, bool]]) -> Principal | None:
+    """The principal of the env-var key equal to `candidate`, comparing against every key."""
     given = candidate.encode()
-    matched = False
-    for key in keys:
+    found = None
+    for tenant, key, admin in keys:
         # No early exit: the time taken does not depend on which key (if any) matched.
-        matched |= hmac.compare_digest(given, key.encode())
-    return matched
+        if hmac.compare_digest(given, key.encode()):
+            found = Principal(tenant=tenant, admin=admin)
+    return found
+
+
+class KeyLookup:
+    """Stored keys by hash, remembered for `ttl` seconds (a miss too, so guessing costs no query)."""
+
+    MAX_ENTRIES = 10_000
+
+    def __init__(self, session_factory: sessionmaker[Session], ttl: float) -> None:
+        self.session_factory = session_factory
+        self.ttl = ttl
+        self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, key: str) -> Principal | None:
+        digest, now = hash_key(key), time.monotonic()
+        with self._lock:
+            entry = self._cache.get(digest)
+        if entry is not None and now - entry[0] < self.ttl:
+            return entry[1]
+        try:
+            with self.session_factory() as session:
+                principal = find_principal(session, key)
+        except SQLAlchemyError as exc:
+            raise KeyStoreUnavailable(
+                "the API key store (the job database) cannot be reached; retry later"
+            ) from exc
+        with self._lock:
+            if len(self._cache) >= self.MAX_ENTRIES:
+                self._cache.clear()
+            self._cache[digest] = (now, principal)
+        return principal
 
 
 # Declared as security schemes so the OpenAPI page documents them and offers "Authorize".
@@ -52,18 +105,23 @@ BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Security(_bea
 HeaderKey = Annotated[str | None, Security(_key_header)]
 
 
-def require_api_key(request: Request, bearer: BearerCredentials, header_key: HeaderKey) -> None:
-    """Route dependency: pass when auth is off or the request's key is configured; 401 otherwise."""
+def require_api_key(request: Request, bearer: BearerCredentials, header_key: HeaderKey) -> Principal:
+    """Route dependency: the request's principal; 401 without a valid key (auth off: embedded admin)."""
     settings: Settings = request.app.state.settings
     if not auth_required(settings):
-        return
+        return EMBEDDED_PRINCIPAL
     key = (bearer.credentials.strip() if bearer else None) or header_key
     if not key:
         raise Unauthorized(f"this service requires an API key: {HOW_TO_SEND}")
-    if not settings.api_keys:
-        raise Unauthorized("this service has no API keys configured (MUST_API_KEYS), so it accepts none")
-    if not key_matches(key, settings.api_keys):
-        raise Unauthorized(f"the API key is not valid for this service: {HOW_TO_SEND} with a configured key")
+    principal = None
+    if len(key) <= MAX_KEY_CHARS:
+        principal = env_principal(key, settings.env_keys())
+        if principal is None:
+            lookup: KeyLookup = request.app.state.key_lookup
+            principal = lookup(key)
+    if principal is None:
+        raise Unauthorized(f"the API key is not valid for this service: {HOW_TO_SEND} with a valid key")
+    return principal
 
 
 def _unauthorized(_: Request, exc: Exception) -> JSONResponse:
@@ -76,10 +134,14 @@ def _unauthorized(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
-def install_auth(app: FastAPI) -> None:
-    """Answer `Unauthorized` with a 401; routers opt in with `dependencies=[API_KEY]`."""
+def install_auth(app: FastAPI, session_factory: sessionmaker[Session]) -> None:
+    """Answer `Unauthorized` with a 401 and look stored keys up in the job database."""
+    settings: Settings = app.state.settings
+    app.state.key_lookup = KeyLookup(session_factory, settings.api_key_cache_seconds)
     app.exception_handler(Unauthorized)(_unauthorized)
 
 
-# Mount every router but the health probes with `app.include_router(router, dependencies=[API_KEY])`.
+# Mount every router but the health probes with `app.include_router(router, dependencies=[API_KEY])`;
+# routes that scope jobs take `principal: PrincipalDep` (FastAPI runs the dependency once per request).
 API_KEY = Depends(require_api_key)
+PrincipalDep = Annotated[Principal, Depends(require_api_key)]

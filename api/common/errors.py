@@ -7,14 +7,17 @@ traceback and answers a generic 500 (the pattern of LitServe's `_handle_error_re
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
+from functools import lru_cache
 from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.errors import (
     ArtifactMissing,
@@ -25,6 +28,7 @@ from services.errors import (
     JobNotFound,
     ObjectNotFound,
     ObjectTooLarge,
+    RequestTooLarge,
     StorageError,
 )
 
@@ -42,6 +46,7 @@ STATUS_BY_ERROR: dict[type[DomainError], HTTPStatus] = {
     ObjectNotFound: HTTPStatus.NOT_FOUND,
     InvalidJobTransition: HTTPStatus.CONFLICT,
     ObjectTooLarge: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+    RequestTooLarge: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
     InvalidRequest: HTTPStatus.UNPROCESSABLE_ENTITY,
     # A bucket named in a request (a dataset, a checkpoint) that does not exist is the caller's to fix.
     BucketNotFound: HTTPStatus.UNPROCESSABLE_ENTITY,
@@ -66,9 +71,17 @@ class FieldError(BaseModel):
 
 
 class ValidationErrorBody(BaseModel):
-    """The body of a 422 answer for a request that does not match the schema."""
+    """The body of a 422 answer: the fields that do not match the schema (a list), or, for a request
+    that matches it but cannot be accepted (a bucket that does not exist, a local file outside the
+    embedded mode), the reason as text with the error's name."""
 
-    detail: list[FieldError]
+    detail: list[FieldError] | str
+    error: str | None = None
+
+
+# What every route behind an API key can answer besides its own codes: no or a bad key, a body over
+# the size limit, an invalid request, and a key store (the database) that cannot be read.
+SECURED_ERRORS = (401, 413, 422, 503)
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -130,6 +143,49 @@ def _validation_error(request: Request, exc: RequestValidationError) -> JSONResp
     return JSONResponse(status_code=HTTPStatus.UNPROCESSABLE_ENTITY, content=content)
 
 
+def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors as they are, but a body that cannot be parsed at all (bytes that are not
+    UTF-8, a broken multipart body) is a 422 like any other invalid body, not a bare 400."""
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == HTTPStatus.METHOD_NOT_ALLOWED:
+        return _method_not_allowed(request, exc)
+    if exc.status_code != HTTPStatus.BAD_REQUEST:
+        return _default_http_error(exc)
+    error = {
+        "field": "body",
+        "msg": f"the request body cannot be parsed: {exc.detail}",
+        "type": "body_unparsable",
+    }
+    return JSONResponse(status_code=HTTPStatus.UNPROCESSABLE_ENTITY, content={"detail": [error]})
+
+
+def _method_not_allowed(request: Request, exc: StarletteHTTPException) -> Response:
+    """405 whose `Allow` lists every method the OpenAPI document gives the path (starlette names the
+    first matching route's only, so `OPTIONS /adaptations` said `Allow: POST` where GET is served too)."""
+    allowed = set()
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        if _template_regex(template).match(request.url.path):
+            allowed |= {method.upper() for method in operations}
+    headers = {"Allow": ", ".join(sorted(allowed))} if allowed else exc.headers
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+
+
+@lru_cache(maxsize=256)
+def _template_regex(template: str) -> re.Pattern[str]:
+    """`/adaptations/{adaptation_id}` as a regex matching one concrete path."""
+    parts = re.split(r"(\{[^/}]+\})", template)
+    return re.compile(
+        "^" + "".join("[^/]+" if part.startswith("{") else re.escape(part) for part in parts) + "$"
+    )
+
+
+def _default_http_error(exc: StarletteHTTPException) -> Response:
+    """FastAPI's default answer to an HTTPException (status, `detail`, headers), built synchronously."""
+    if exc.status_code in {HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED}:
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     content = {"detail": "internal server error; it was logged, please report it if it persists"}
@@ -140,4 +196,5 @@ def register_exception_handlers(app: FastAPI) -> None:
     """Install the handlers: domain errors, request validation errors, and a logged 500 for the rest."""
     app.exception_handler(DomainError)(_domain_error)
     app.exception_handler(RequestValidationError)(_validation_error)
+    app.exception_handler(StarletteHTTPException)(_http_error)
     app.exception_handler(Exception)(_unexpected)

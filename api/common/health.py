@@ -7,6 +7,7 @@ hanging dependency makes the probe answer 503 instead of hanging the probe.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +30,8 @@ ReadinessCheck = Callable[[], None]
 # while still answering well inside typical load balancer health-check timeouts.
 READINESS_DEADLINE_SECONDS = 2.5
 MAX_DETAIL_CHARS = 300
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["health"])
 
@@ -78,8 +81,12 @@ def check_broker(url: str, *, transport_options: Mapping[str, Any], timeout: flo
 
 
 def _describe(exc: BaseException) -> str:
-    message = exc.message if isinstance(exc, DomainError) else f"{type(exc).__name__}: {exc}"
-    return message[:MAX_DETAIL_CHARS]
+    """A failed check's own message, or only the type of an unexpected error: the probe is open to
+    anyone, and a driver's message names hosts, ports and users (it goes to the log instead)."""
+    if isinstance(exc, DomainError):
+        return exc.message[:MAX_DETAIL_CHARS]
+    logger.warning("readiness check failed: %s: %s", type(exc).__name__, exc)
+    return f"{type(exc).__name__} (details in the service's log)"
 
 
 def _outcome(future: Future[None], deadline: float) -> ComponentStatus:

@@ -19,7 +19,8 @@ from sqlalchemy import Engine
 
 from api.common import health, metrics
 from api.common.auth import API_KEY, install_auth
-from api.common.errors import register_exception_handlers
+from api.common.errors import SECURED_ERRORS, error_responses, register_exception_handlers
+from api.common.limits import BodySizeLimit
 from api.control.deps import StoreOpener
 from api.control.queue import CeleryJobQueue, JobQueue
 from api.control.routes import adaptations
@@ -103,9 +104,13 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
     app.state.store_opener = opener
     app.state.readiness_checks = _readiness_checks(settings, engine, opener)
     register_exception_handlers(app)
-    install_auth(app)
+    install_auth(app, app.state.session_factory)
+    # Inside the metrics middleware, so the 413s it answers are counted too.
+    app.add_middleware(
+        BodySizeLimit, max_bytes=settings.limits.max_body_bytes, setting="MUST_LIMITS__MAX_BODY_BYTES"
+    )
     metrics.install_metrics(app, session_factory=app.state.session_factory)
     app.include_router(health.router)
-    app.include_router(metrics.router, dependencies=[API_KEY])
-    app.include_router(adaptations.router, dependencies=[API_KEY])
+    app.include_router(metrics.router, dependencies=[API_KEY], responses=error_responses(*SECURED_ERRORS))
+    app.include_router(adaptations.router, dependencies=[API_KEY], responses=error_responses(*SECURED_ERRORS))
     return app

@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 from api.inference.predictor import Predictor
 from services.config import Settings
 from services.errors import InvalidRequest, ObjectNotFound
+from services.locations import check_location
 from services.storage.object_store import ObjectStore, local_copy, make_s3_client, open_store
 from services.storage.uri import S3URI, parse_uri
 
@@ -44,7 +45,11 @@ class ImageReader:
         return open_store(parsed, self.settings, client=client, create=create)
 
     def read(self, uri: str) -> bytes:
-        """The object's bytes, at most the configured object size (ObjectTooLarge beyond)."""
+        """A user-named image's bytes, at most the configured object size (ObjectTooLarge beyond).
+
+        The artifacts store (every tenant's checkpoints and classifiers) cannot be named.
+        """
+        check_location(uri, "image_url", self.settings)
         store, key = self.open(uri)
         if not key:
             # A bucket root, a folder or a missing local file: no single object is named.

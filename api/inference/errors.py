@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from api.common.errors import register_exception_handlers
+from api.common.errors import ServiceUnavailable, register_exception_handlers
 from services.errors import DomainError
 
 # decode_image reasons that mean "too big" rather than "not a usable image".
@@ -22,6 +22,10 @@ class AdaptationNotReady(DomainError):
     def __init__(self, job_id: str, status: str) -> None:
         super().__init__(f"adaptation {job_id!r} is {status}; only succeeded adaptations can be served")
         self.job_id, self.status = job_id, status
+
+
+class WeightsNotAvailable(ServiceUnavailable):
+    """A zero-shot model's pretrained weights are neither cached here nor downloadable (off or too slow)."""
 
 
 class ImageRejected(DomainError):

@@ -20,6 +20,8 @@ from sqlalchemy import Engine
 
 from api.common import health, metrics
 from api.common.auth import API_KEY, install_auth
+from api.common.errors import SECURED_ERRORS, error_responses
+from api.common.limits import BodySizeLimit
 from api.inference import routes
 from api.inference.deps import ImageReader
 from api.inference.errors import register_inference_errors
@@ -81,6 +83,7 @@ def _build_predictor(app: FastAPI, options: ServingOptions) -> Predictor:
         cache,
         max_image_bytes=settings.limits.max_object_bytes,
         max_image_pixels=settings.limits.max_image_pixels,
+        max_request_pixels=settings.limits.max_request_pixels,
         max_batch=options.max_batch or default_max_batch(device),
         max_wait_s=options.max_wait_s,
         preprocess_workers=options.preprocess_workers,
@@ -123,9 +126,13 @@ def create_app(
         "artifacts_store": lambda: app.state.artifacts[0].check_access(),
     }
     register_inference_errors(app)
-    install_auth(app)
+    install_auth(app, app.state.session_factory)
+    # Inside the metrics middleware, so the 413s it answers are counted too.
+    app.add_middleware(
+        BodySizeLimit, max_bytes=settings.limits.max_upload_bytes, setting="MUST_LIMITS__MAX_UPLOAD_BYTES"
+    )
     metrics.install_metrics(app)
     app.include_router(health.router)
-    app.include_router(metrics.router, dependencies=[API_KEY])
-    app.include_router(routes.router, dependencies=[API_KEY])
+    app.include_router(metrics.router, dependencies=[API_KEY], responses=error_responses(*SECURED_ERRORS))
+    app.include_router(routes.router, dependencies=[API_KEY], responses=error_responses(*SECURED_ERRORS))
     return app

@@ -18,21 +18,23 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.inference.errors import AdaptationNotReady, ImageRejected
+from api.inference.errors import AdaptationNotReady, ImageRejected, WeightsNotAvailable
+from api.inference.memory import release_freed_memory
 from api.inference.pixels import PixelSteps, normalize, pixel_steps, to_uint8
-from services.errors import ArtifactMissing, InvalidRequest, JobNotFound
+from services.errors import ArtifactMissing, InvalidRequest, JobNotFound, RequestTooLarge
 from services.jobs import repository
 from services.jobs.states import JobStatus
 from services.must.classifier import validate_class_names, validate_templates
-from services.must.data import ImageLoadError, decode_image
-from services.must.errors import CheckpointError, MustError
+from services.must.data import ImageLoadError, decode_image, image_size
+from services.must.errors import CheckpointError, MustError, WeightsUnavailable
 from services.must.export import MANIFEST, WEIGHTS, load_classifier, read_manifest
 from services.must.inference import ImageClassifier
 from services.must.loading import ModelSpec, load_clip
@@ -42,6 +44,11 @@ from services.storage.keys import classifier_manifest_key, classifier_weights_ke
 log = logging.getLogger(__name__)
 
 Forward = Callable[[ImageClassifier, torch.Tensor], torch.Tensor]
+# Requests whose images hold this many pixels give the memory of their decodes back afterwards
+# (a 2000x2000 image decodes to 12 MB; smaller ones are served from memory glibc keeps anyway).
+TRIM_AFTER_PIXELS = 4_000_000
+# Threads that load models: this many slow loads (downloads) at once before further loads queue.
+LOAD_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -92,7 +99,12 @@ class ClassifierCache:
     their files are kept on disk under `cache_dir/<job id>/<sha256>/` so a reload after eviction
     does not download again. The job row is read at most once per `recheck_s` per adaptation
     (`recent`): a newer artifact is served within that many seconds of its publication, and
-    requests in between cost no database round trip.
+    requests in between cost no database round trip. Every lookup checks the job's tenant, so a
+    key never reaches another tenant's classifier (404, as if it did not exist).
+
+    Each model loads under a lock of its own, so two requests never load the same model twice,
+    while a slow load (a weights download) holds back neither other loads nor the models already
+    loaded; the shared lock only guards the dictionaries, never any I/O.
     """
 
     session_factory: sessionmaker[Session]
@@ -105,37 +117,37 @@ class ClassifierCache:
     # Gives a local path for a zero-shot model file named by URI (downloading an s3:// one once).
     model_file: Callable[[str], str] | None = None
     _models: OrderedDict[str, ServedModel] = field(default_factory=OrderedDict, init=False)
-    # Job id -> (time.monotonic() of the job lookup that confirmed it, the classifier served then).
-    _confirmed: dict[str, tuple[float, ServedModel]] = field(default_factory=dict, init=False)
-    # Loads are rare and heavy; one lock keeps two requests from loading the same model twice.
+    # Job id -> (time.monotonic() of the job lookup that confirmed it, its tenant, the classifier).
+    _confirmed: dict[str, tuple[float, str, ServedModel]] = field(default_factory=dict, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    # Cache key -> the lock its load runs under (dropped once no load of it is running).
+    _loading: dict[str, threading.Lock] = field(default_factory=dict, init=False)
 
-    def adapted(self, adaptation_id: str) -> ServedModel:
-        """The classifier of a succeeded adaptation, at the artifact version the job row names."""
+    def adapted(self, adaptation_id: str, tenant: str | None = None) -> ServedModel:
+        """The classifier of a succeeded adaptation (of `tenant`; None: any), at the job row's version."""
         job_id = canonical_job_id(adaptation_id)
         with self.session_factory() as session:
-            job = repository.get_job(session, job_id)
-            status, sha = job.status, job.artifact_sha256
+            job = repository.get_job(session, job_id, tenant=tenant)
+            status, sha, owner = job.status, job.artifact_sha256, job.tenant
         if status != JobStatus.SUCCEEDED or not sha:
             raise AdaptationNotReady(job_id, str(status))
         checked_at = time.monotonic()
+        previous = self.peek(job_id)
+        served = self._load_once(
+            job_id, lambda: self._load_adapted(job_id, sha), accept=lambda s: s.artifact_sha256 == sha
+        )
         with self._lock:
-            cached = self._get(job_id)
-            if cached is not None and cached.artifact_sha256 == sha:
-                self._confirmed[job_id] = (checked_at, cached)
-                return cached
-            served = self._load_adapted(job_id, sha)
-            self._put(served)
-            self._confirmed[job_id] = (checked_at, served)
-        if cached is not None:
-            shutil.rmtree(self.cache_dir / job_id / str(cached.artifact_sha256), ignore_errors=True)
+            self._confirmed[job_id] = (checked_at, owner, served)
+        if previous is not None and previous.artifact_sha256 != sha:
+            shutil.rmtree(self.cache_dir / job_id / str(previous.artifact_sha256), ignore_errors=True)
         return served
 
-    def recent(self, adaptation_id: str) -> ServedModel | None:
+    def recent(self, adaptation_id: str, tenant: str | None = None) -> ServedModel | None:
         """The loaded classifier of an adaptation whose job was read less than `recheck_s` ago.
 
-        No lock and no I/O, so it runs on the event loop; None means `adapted` must look. (The
-        least-recently-used order is refreshed by `adapted`, so once per `recheck_s` of use.)
+        No lock and no I/O, so it runs on the event loop; None means `adapted` must look (and
+        answer 404 for another tenant's job). The least-recently-used order is refreshed by
+        `adapted`, so once per `recheck_s` of use.
         """
         try:
             job_id = canonical_job_id(adaptation_id)
@@ -144,18 +156,47 @@ class ClassifierCache:
         entry = self._confirmed.get(job_id)
         if entry is None or time.monotonic() - entry[0] >= self.recheck_s:
             return None
-        return entry[1]
+        checked_at, owner, served = entry
+        if tenant is not None and owner != tenant:
+            return None
+        return served
+
+    def peek(self, key: str) -> ServedModel | None:
+        """The loaded model under `key`, without loading anything (and without waiting for a load)."""
+        return self._models.get(key)
 
     def zero_shot(self, request: ZeroShotRequest) -> ServedModel:
         """The zero-shot baseline classifier for a CLIP and class list."""
         key = request.key()
+        return self._load_once(key, lambda: self._load_zero_shot(request, key))
+
+    def _load_once(
+        self,
+        key: str,
+        load: Callable[[], ServedModel],
+        accept: Callable[[ServedModel], bool] = lambda served: True,
+    ) -> ServedModel:
+        """The cached model under `key` if `accept`ed, else loaded under the key's own lock."""
         with self._lock:
             cached = self._get(key)
-            if cached is not None:
+            if cached is not None and accept(cached):
                 return cached
-            served = self._load_zero_shot(request, key)
-            self._put(served)
-            return served
+            key_lock = self._loading.setdefault(key, threading.Lock())
+        try:
+            with key_lock:
+                # Another request may have loaded it while this one waited for the key's lock.
+                with self._lock:
+                    cached = self._get(key)
+                if cached is not None and accept(cached):
+                    return cached
+                served = load()
+                with self._lock:
+                    self._put(served)
+                return served
+        finally:
+            with self._lock:
+                if self._loading.get(key) is key_lock and not key_lock.locked():
+                    del self._loading[key]
 
     def _get(self, key: str) -> ServedModel | None:
         served = self._models.get(key)
@@ -214,20 +255,31 @@ class ClassifierCache:
         if self.model_file is None:
             return spec
         fetch = self.model_file
-        return ModelSpec(
-            arch=spec.arch,
-            pretrained=spec.pretrained,
+        return replace(
+            spec,
             checkpoint=fetch(spec.checkpoint) if spec.checkpoint else None,
             config=fetch(spec.config) if isinstance(spec.config, str) else spec.config,
         )
+
+    def _public(self, error: Exception) -> str:
+        """An engine error's message without this service's local folders (downloaded copies)."""
+        return str(error).replace(str(self.cache_dir), "<model cache>")
 
     def _load_zero_shot(self, request: ZeroShotRequest, key: str) -> ServedModel:
         try:
             names = validate_class_names(request.class_names)
             templates = validate_templates(request.templates)
             clip = load_clip(self._local_spec(request.spec), self.device)
-        except (MustError, OSError) as exc:
-            raise InvalidRequest(f"cannot build the zero-shot baseline: {exc}") from exc
+        except WeightsUnavailable as exc:
+            unavailable = WeightsNotAvailable if exc.transient else InvalidRequest
+            raise unavailable(f"cannot build the zero-shot baseline: {exc}") from exc
+        except MustError as exc:
+            raise InvalidRequest(f"cannot build the zero-shot baseline: {self._public(exc)}") from exc
+        except OSError as exc:
+            log.warning("zero-shot model %s could not be read: %s", request.spec.describe(), exc)
+            raise InvalidRequest(
+                "cannot build the zero-shot baseline: a model file could not be read"
+            ) from exc
         classifier = ImageClassifier.zero_shot(clip, names, templates, device=self.device)
         spec = request.spec
         source = {"arch": spec.arch, "pretrained": spec.pretrained, "checkpoint": spec.checkpoint}
@@ -365,6 +417,12 @@ class MicroBatcher:
             start = stop
 
 
+def _input_side(classifier: ImageClassifier) -> int:
+    """The longer side of the classifier's input images (what uploads are resized to)."""
+    size = classifier.preprocess_cfg.size
+    return int(size) if isinstance(size, int) else int(max(size))
+
+
 def run_forward(classifier: ImageClassifier, pixels: torch.Tensor) -> torch.Tensor:
     """One forward pass of 8-bit or normalised pixels: class probabilities [B, K] on the CPU."""
     with torch.inference_mode():
@@ -380,6 +438,7 @@ class Predictor:
         *,
         max_image_bytes: int,
         max_image_pixels: int,
+        max_request_pixels: int = 100_000_000,
         max_batch: int = 32,
         max_wait_s: float = 0.005,
         preprocess_workers: int = 2,
@@ -387,8 +446,12 @@ class Predictor:
         self.cache = cache
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
+        self.max_request_pixels = max_request_pixels
         self.batcher = MicroBatcher(self.forward, max_batch=max_batch, max_wait_s=max_wait_s)
         self._pool = ThreadPoolExecutor(max_workers=preprocess_workers, thread_name_prefix="preprocess")
+        # Zero-shot loads (and their weight downloads) get threads of their own: however slow, they
+        # never hold up the default pool that job lookups, artifact loads and image reads run in.
+        self._loads = ThreadPoolExecutor(max_workers=LOAD_THREADS, thread_name_prefix="model-load")
 
     def forward(self, classifier: ImageClassifier, pixels: torch.Tensor) -> torch.Tensor:
         """One batched forward; an attribute of its own so it can be observed."""
@@ -403,16 +466,20 @@ class Predictor:
         finally:
             arrival.close()
 
-    async def adapted(self, adaptation_id: str) -> ServedModel:
-        """The adapted classifier (a job lookup, when due, and any download run in a thread)."""
-        served = self.cache.recent(adaptation_id)
+    async def adapted(self, adaptation_id: str, tenant: str | None = None) -> ServedModel:
+        """The adapted classifier of `tenant` (None: any); a due job lookup and any load run in a thread."""
+        served = self.cache.recent(adaptation_id, tenant)
         if served is not None:
             return served
-        return await asyncio.to_thread(self.cache.adapted, adaptation_id)
+        return await asyncio.to_thread(self.cache.adapted, adaptation_id, tenant)
 
     async def zero_shot(self, request: ZeroShotRequest) -> ServedModel:
-        """The zero-shot baseline classifier (built in a thread on first use)."""
-        return await asyncio.to_thread(self.cache.zero_shot, request)
+        """The zero-shot baseline classifier (built in a loader thread on first use)."""
+        served = self.cache.peek(request.key())
+        if served is not None:
+            return served
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._loads, self.cache.zero_shot, request)
 
     async def decode(self, model: ServedModel, images: Sequence[tuple[str, bytes]]) -> torch.Tensor:
         """Decode and preprocess named image bytes off the event loop; ImageRejected names a bad one."""
@@ -420,17 +487,44 @@ class Predictor:
         return await loop.run_in_executor(self._pool, self._preprocess, model, images)
 
     def _preprocess(self, model: ServedModel, images: Sequence[tuple[str, bytes]]) -> torch.Tensor:
-        decoded = []
-        for name, data in images:
-            try:
-                decoded.append(
-                    decode_image(data, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
-                )
-            except ImageLoadError as exc:
-                raise ImageRejected(name, exc.reason, str(exc)) from None
-        if model.pixels is None:
-            return model.classifier.preprocess(decoded)
-        return to_uint8(model.pixels, decoded)
+        """Pixels of every image, each decoded (reduced where it is large) and preprocessed in turn.
+
+        The pixel budget is checked on the headers before anything is decoded, and an image is
+        brought to the model's input size before the next one is decoded, so a request holds at
+        most one full-size image at a time. Memory freed by a large decode is handed back to
+        the system at the end.
+        """
+        pixels = self._check_pixel_budget(images)
+        side = _input_side(model.classifier)
+        decoded = (self._decode_one(name, data, side) for name, data in images)
+        try:
+            if model.pixels is None:
+                return torch.stack([model.classifier.preprocess([image])[0] for image in decoded])
+            return to_uint8(model.pixels, decoded)
+        finally:
+            if pixels >= TRIM_AFTER_PIXELS:
+                release_freed_memory()
+
+    def _decode_one(self, name: str, data: bytes, side: int) -> Image.Image:
+        try:
+            return decode_image(
+                data, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels, min_side=side
+            )
+        except ImageLoadError as exc:
+            raise ImageRejected(name, exc.reason, str(exc)) from None
+
+    def _check_pixel_budget(self, images: Sequence[tuple[str, bytes]]) -> int:
+        """The pixels the images' headers add up to; RequestTooLarge beyond what one request may hold."""
+        total = 0
+        for _, data in images:
+            size = image_size(data)
+            total += size[0] * size[1] if size else 0
+        if total > self.max_request_pixels:
+            raise RequestTooLarge(
+                f"the images of this request hold {total:,} pixels together; at most "
+                f"{self.max_request_pixels:,} (MUST_LIMITS__MAX_REQUEST_PIXELS): send fewer or smaller images"
+            )
+        return total
 
     async def predict(
         self, model: ServedModel, pixels: torch.Tensor, arrival: Arrival | None = None
@@ -443,6 +537,7 @@ class Predictor:
         return model.classifier.top_k(probs, top_k)
 
     async def close(self) -> None:
-        """Stop the batcher and the preprocessing threads."""
+        """Stop the batcher, the preprocessing and the loader threads."""
         await self.batcher.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._loads.shutdown(wait=False, cancel_futures=True)

@@ -4,24 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from http import HTTPStatus
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from pydantic import BaseModel, Field
 
+from api.common.auth import PrincipalDep
 from api.common.errors import error_responses
 from api.common.metrics import PredictionSource, record_predictions
 from api.inference.deps import ImageReader, ImageReaderDep, PredictorDep
 from api.inference.predictor import Arrival, Predictor, ServedModel, ZeroShotRequest
-from services.errors import InvalidRequest
+from services.auth.keys import Principal
+from services.config import Settings
+from services.errors import InvalidRequest, RequestTooLarge
+from services.locations import check_location
 from services.must.loading import ModelSpec
+from services.schemas.jobs import MODEL_NAME_PATTERN
 
 router = APIRouter(tags=["predict"])
 
 MAX_TOP_K = 1000
 _MODEL_KEYS = ("arch", "pretrained", "checkpoint", "config")
 _ERRORS = error_responses(404, 409, 413, 422, 503)
+_MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
 
 
 class Prediction(BaseModel):
@@ -79,15 +86,29 @@ def _json_or(text: str, what: str) -> Any:
         raise InvalidRequest(f"{what} is not valid JSON: {exc}") from None
 
 
-def _spec(fields: ModelFields) -> ModelSpec | None:
+def _spec(fields: ModelFields, settings: Settings) -> ModelSpec | None:
     values: Any = {key: getattr(fields, key) for key in _MODEL_KEYS}
-    if fields.model is not None:
+    if fields.model:  # an empty field is an absent one
         values = _json_or(fields.model, "model")
         if not isinstance(values, dict) or set(values) - set(_MODEL_KEYS):
             raise InvalidRequest(f"model must be a JSON object with keys among {', '.join(_MODEL_KEYS)}")
     if not any(values.get(key) for key in _MODEL_KEYS):
         return None
-    return ModelSpec(**{key: values.get(key) for key in _MODEL_KEYS})
+    if not all(value is None or isinstance(value, str) for value in values.values()):
+        raise InvalidRequest(f"the model fields {', '.join(_MODEL_KEYS)} are strings")
+    for key in ("arch", "pretrained"):
+        if values.get(key) and not _MODEL_NAME.match(values[key]):
+            raise InvalidRequest(
+                f"model {key} {values[key][:100]!r} is not an open_clip name (letters, digits, '_', '.', '-')"
+            )
+    for key in ("checkpoint", "config"):
+        if values.get(key):
+            check_location(values[key], f"model {key}", settings, model_file=True)
+    return ModelSpec(
+        **{key: values.get(key) or None for key in _MODEL_KEYS},
+        allow_download=settings.models.allow_downloads,
+        download_timeout=settings.models.download_timeout_seconds,
+    )
 
 
 def _names(text: str) -> list[str]:
@@ -99,19 +120,15 @@ def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",")]
 
 
-def zero_shot_request(fields: ModelFields, *, local_files_allowed: bool = True) -> ZeroShotRequest:
-    """The zero-shot baseline the fields describe; InvalidRequest when they name no classifier."""
-    spec = _spec(fields)
+def zero_shot_request(fields: ModelFields, settings: Settings) -> ZeroShotRequest:
+    """The zero-shot baseline the fields describe; InvalidRequest when they name no classifier.
+
+    Outside the embedded mode its model files must be s3:// URIs (or files under the operator's
+    `models.local_dirs`), and a pretrained tag is only a name, never a path.
+    """
+    spec = _spec(fields, settings)
     if spec is None or not fields.class_names:
         raise InvalidRequest("give adaptation_id, or a model and class_names for the zero-shot baseline")
-    local_files = [
-        f for f in (spec.checkpoint, spec.config) if isinstance(f, str) and not f.startswith("s3://")
-    ]
-    if local_files and not local_files_allowed:
-        raise InvalidRequest(
-            "local zero-shot checkpoint and config files are served only in the embedded mode; "
-            "give s3:// URIs, an architecture and pretrained tag, or adapt and use adaptation_id"
-        )
     templates = None
     if fields.templates is not None:
         parsed = _json_or(fields.templates, "templates")
@@ -121,10 +138,12 @@ def zero_shot_request(fields: ModelFields, *, local_files_allowed: bool = True) 
     return ZeroShotRequest(spec, tuple(_names(fields.class_names)), templates)
 
 
-async def _served(predictor: Predictor, reader: ImageReader, fields: ModelFields) -> ServedModel:
+async def _served(
+    predictor: Predictor, reader: ImageReader, fields: ModelFields, principal: Principal
+) -> ServedModel:
     if fields.adaptation_id:
-        return await predictor.adapted(fields.adaptation_id)
-    request = zero_shot_request(fields, local_files_allowed=reader.local_files_allowed)
+        return await predictor.adapted(fields.adaptation_id, principal.scope)
+    request = zero_shot_request(fields, reader.settings)
     return await predictor.zero_shot(request)
 
 
@@ -157,12 +176,15 @@ async def predict_url(
     request: Request,
     predictor: PredictorDep,
     reader: ImageReaderDep,
-    image_url: Annotated[str, Query(min_length=1, description="s3://bucket/key or file:///path")],
+    principal: PrincipalDep,
+    image_url: Annotated[
+        str, Query(min_length=1, max_length=2048, description="s3://bucket/key (file:///path when embedded)")
+    ],
     fields: Annotated[ModelFields, Query()],
 ) -> PredictResponse:
     """Classify one stored image with an adapted classifier or the zero-shot baseline."""
     with predictor.arriving() as arrival:
-        served = await _served(predictor, reader, fields)
+        served = await _served(predictor, reader, fields, principal)
         data = await asyncio.to_thread(reader.read, image_url)
         (predictions,) = await _classify(predictor, served, [(image_url, data)], fields.top_k, arrival)
     record_predictions(request, _source(fields), 1)
@@ -174,12 +196,19 @@ async def predict_files(
     request: Request,
     predictor: PredictorDep,
     reader: ImageReaderDep,
+    principal: PrincipalDep,
     files: Annotated[list[UploadFile], File(description="One or more images")],
     fields: Annotated[ModelFields, Form()],
 ) -> BatchPredictResponse:
     """Classify uploaded images with an adapted classifier or the zero-shot baseline."""
+    limits = reader.settings.limits
+    if len(files) > limits.max_files_per_request:
+        raise RequestTooLarge(
+            f"{len(files)} files in one request; at most {limits.max_files_per_request} "
+            "(MUST_LIMITS__MAX_FILES_PER_REQUEST): send them in several requests"
+        )
     with predictor.arriving() as arrival:
-        served = await _served(predictor, reader, fields)
+        served = await _served(predictor, reader, fields, principal)
         limit = predictor.max_image_bytes
         # Reading one byte past the limit is enough for decode_image to refuse the file as too large.
         images = [

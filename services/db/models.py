@@ -1,4 +1,4 @@
-"""ORM models of the job database: adaptation jobs and their metric history."""
+"""ORM models of the job database: adaptation jobs, their metric history, and API keys."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Enum, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Enum, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
+from services.config import DEFAULT_TENANT
 from services.db.base import Base
 from services.db.types import UTCDateTime, utcnow
 from services.jobs.states import JobPhase, JobStatus
@@ -34,6 +35,9 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_status_created_at", "status", "created_at"),
         Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),
+        Index("ix_jobs_tenant_created_at", "tenant", "created_at"),
+        # An idempotency key names one job of its tenant; two tenants may use the same key.
+        UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_job_id)
@@ -44,10 +48,14 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
+    # The project whose API key submitted the job; other tenants' keys cannot see it.
+    tenant: Mapped[str] = mapped_column(String(64), default=DEFAULT_TENANT)
     request: Mapped[dict[str, Any]] = mapped_column(JSON)
     num_classes: Mapped[int] = mapped_column(Integer, default=0)
-    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
     celery_task_id: Mapped[str | None] = mapped_column(String(255))
+    # When the job's queue message was last sent (by the API, a requeue or the reconciler).
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     step: Mapped[int] = mapped_column(Integer, default=0)
     total_steps: Mapped[int | None] = mapped_column(Integer)
@@ -75,6 +83,8 @@ class Job(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Times the job went back to the queue because the object store could not be reached.
+    storage_requeues: Mapped[int] = mapped_column(Integer, default=0)
     cancel_requested: Mapped[bool] = mapped_column(default=False)
 
     metrics: Mapped[list[JobMetric]] = relationship(
@@ -95,3 +105,23 @@ class JobMetric(Base):
     values: Mapped[dict[str, Any]] = mapped_column(JSON)
 
     job: Mapped[Job] = relationship(back_populates="metrics", lazy="raise")
+
+
+class ApiKey(Base):
+    """An API key of one tenant, stored as its SHA-256 (the key itself is shown once, at creation).
+
+    Keys are 256-bit random strings, so a fast unsalted hash is enough: nothing can be guessed
+    from it, and the index on it finds a key in one lookup.
+    """
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_job_id)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str | None] = mapped_column(String(255))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # The first characters of the key, so an operator can tell keys apart in listings.
+    prefix: Mapped[str] = mapped_column(String(16))
+    admin: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

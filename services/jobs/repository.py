@@ -15,6 +15,7 @@ from sqlalchemy import ColumnElement, CursorResult, Update, func, literal, or_, 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from services.config import DEFAULT_TENANT
 from services.db.models import Job, JobMetric
 from services.db.types import UTCDateTime, utcnow
 from services.errors import InvalidRequest, JobNotFound
@@ -25,29 +26,36 @@ MAX_TRACEBACK_CHARS = 20_000
 MAX_ERROR_MESSAGE_CHARS = 4_000
 
 
-def create_job(session: Session, *, request: dict[str, Any], idempotency_key: str | None) -> Job:
-    """Insert a queued job, or return the job already created with the same idempotency key."""
+def create_job(
+    session: Session,
+    *,
+    request: dict[str, Any],
+    idempotency_key: str | None,
+    tenant: str = DEFAULT_TENANT,
+) -> Job:
+    """Insert a queued job, or return the tenant's job already created with the same idempotency key."""
     if idempotency_key is not None:
-        existing = _find_by_key(session, idempotency_key)
+        existing = _find_by_key(session, tenant, idempotency_key)
         if existing is not None:
             return _same_request(existing, request)
     num_classes = len(request.get("class_names", []))
-    job = Job(request=request, idempotency_key=idempotency_key, num_classes=num_classes)
+    job = Job(request=request, idempotency_key=idempotency_key, num_classes=num_classes, tenant=tenant)
     session.add(job)
     try:
         session.commit()
     except IntegrityError:
         # Another request with the same key won the insert race: hand back its job.
         session.rollback()
-        existing = _find_by_key(session, idempotency_key) if idempotency_key is not None else None
+        existing = _find_by_key(session, tenant, idempotency_key) if idempotency_key is not None else None
         if existing is None:
             raise
         return _same_request(existing, request)
     return job
 
 
-def _find_by_key(session: Session, key: str) -> Job | None:
-    return session.scalars(select(Job).where(Job.idempotency_key == key)).one_or_none()
+def _find_by_key(session: Session, tenant: str, key: str) -> Job | None:
+    stmt = select(Job).where(Job.tenant == tenant, Job.idempotency_key == key)
+    return session.scalars(stmt).one_or_none()
 
 
 def _same_request(job: Job, request: dict[str, Any]) -> Job:
@@ -57,19 +65,30 @@ def _same_request(job: Job, request: dict[str, Any]) -> Job:
     return job
 
 
-def get_job(session: Session, job_id: str) -> Job:
-    """The job with this id, fresh from the database; JobNotFound if there is none."""
+def get_job(session: Session, job_id: str, *, tenant: str | None = None) -> Job:
+    """The job with this id, fresh from the database; JobNotFound if there is none.
+
+    With `tenant`, another tenant's job is not found either (None: any tenant's, for admins
+    and the platform's own processes).
+    """
     job = session.get(Job, job_id, populate_existing=True)
-    if job is None:
+    if job is None or (tenant is not None and job.tenant != tenant):
         raise JobNotFound(job_id)
     return job
 
 
 def list_jobs(
-    session: Session, *, status: JobStatus | None = None, limit: int = 50, offset: int = 0
+    session: Session,
+    *,
+    status: JobStatus | None = None,
+    limit: int = 50,
+    offset: int = 0,
+    tenant: str | None = None,
 ) -> tuple[list[Job], int]:
-    """One page of jobs, newest first, and the total count matching the filter."""
+    """One page of jobs (of `tenant`, or of all), newest first, and the total count matching the filter."""
     where = [Job.status == status] if status is not None else []
+    if tenant is not None:
+        where.append(Job.tenant == tenant)
     total = session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
     page = select(Job).where(*where).order_by(Job.created_at.desc(), Job.id.desc())
     return list(session.scalars(page.limit(limit).offset(offset))), total
@@ -180,9 +199,11 @@ def set_phase(session: Session, job_id: str, *, phase: JobPhase, owner: str | No
     return _update_running(session, job_id, {"phase": phase}, owner)
 
 
-def set_celery_task_id(session: Session, job_id: str, *, task_id: str) -> None:
-    """Remember the broker's task id, for inspection in Flower."""
-    get_job(session, job_id).celery_task_id = task_id
+def set_celery_task_id(session: Session, job_id: str, *, task_id: str, now: datetime | None = None) -> None:
+    """Remember the broker's task id (for inspection in Flower) and when the message was sent."""
+    job = get_job(session, job_id)
+    job.celery_task_id = task_id
+    job.enqueued_at = now or utcnow()
     session.commit()
 
 
@@ -195,9 +216,11 @@ def append_metrics(session: Session, job_id: str, *, step: int, values: dict[str
     return metric
 
 
-def list_metrics(session: Session, job_id: str, *, since_step: int = 0, limit: int = 1000) -> list[JobMetric]:
+def list_metrics(
+    session: Session, job_id: str, *, since_step: int = 0, limit: int = 1000, tenant: str | None = None
+) -> list[JobMetric]:
     """The job's metric history from `since_step` on (inclusive), in step order."""
-    get_job(session, job_id)
+    get_job(session, job_id, tenant=tenant)
     stmt = select(JobMetric).where(JobMetric.job_id == job_id, JobMetric.step >= since_step)
     return list(session.scalars(stmt.order_by(JobMetric.step, JobMetric.id).limit(limit)))
 
@@ -251,8 +274,9 @@ def mark_cancelled(session: Session, job_id: str, *, owner: str | None = None) -
     return _transition(session, job_id, JobStatus.CANCELLED, _finished(utcnow()), guard=_owned_by(owner))
 
 
-def request_cancel(session: Session, job_id: str) -> Job:
+def request_cancel(session: Session, job_id: str, *, tenant: str | None = None) -> Job:
     """Cancel a queued job at once; ask a running one to stop. Repeating it is harmless."""
+    get_job(session, job_id, tenant=tenant)
     queued_only = frozenset({JobStatus.QUEUED})
     if _transition(session, job_id, JobStatus.CANCELLED, _finished(utcnow()), sources=queued_only):
         return get_job(session, job_id)
@@ -261,6 +285,31 @@ def request_cancel(session: Session, job_id: str) -> Job:
     if not flagged and job.status != JobStatus.CANCELLED:
         check_transition(job.status, JobStatus.CANCELLED, job_id=job_id)
     return job
+
+
+def queued_before(session: Session, cutoff: datetime) -> list[tuple[str, str | None]]:
+    """(id, task id) of the queued jobs whose message was last sent (or which were made) before `cutoff`."""
+    sent_before = or_(Job.enqueued_at < cutoff, Job.enqueued_at.is_(None) & (Job.created_at < cutoff))
+    stmt = select(Job.id, Job.celery_task_id).where(Job.status == JobStatus.QUEUED, sent_before)
+    return [(job_id, task_id) for job_id, task_id in session.execute(stmt.order_by(Job.created_at))]
+
+
+def claim_resend(session: Session, job_id: str, *, cutoff: datetime, now: datetime | None = None) -> bool:
+    """Mark a still-queued job's message as sent now, if nobody did since `cutoff`; True if this call won."""
+    sent_before = or_(Job.enqueued_at < cutoff, Job.enqueued_at.is_(None))
+    stmt = update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED, sent_before)
+    return _execute(session, stmt.values(enqueued_at=now or utcnow())) == 1
+
+
+def requeue_running(session: Session, job_id: str, *, owner: str, storage_outage: bool = False) -> bool:
+    """Give a running job held by `owner` back to the queue (to resume elsewhere); False if not held.
+
+    `storage_outage` counts the requeue in `storage_requeues` (the object store could not be reached).
+    """
+    values: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None, "attempts": Job.attempts + 1}
+    if storage_outage:
+        values["storage_requeues"] = Job.storage_requeues + 1
+    return _transition(session, job_id, JobStatus.QUEUED, values, guard=_owned_by(owner))
 
 
 def requeue_stale(session: Session, *, now: datetime | None = None) -> list[str]:

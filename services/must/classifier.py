@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,10 +41,26 @@ def validate_templates(templates: Sequence[str] | None) -> list[str]:
     out = [str(t) for t in templates]
     if not out:
         raise ConfigError("templates must not be empty; omit them to use the default ensemble")
-    bad = [t for t in out if t.count("{}") != 1]
+    bad = [t for t in out if not _fills_one_slot(t)]
     if bad:
-        raise ConfigError(f"every template needs exactly one '{{}}' for the class name; bad: {bad[:3]}")
+        raise ConfigError(
+            "every template needs exactly one '{}' for the class name and no other '{...}' field "
+            f"(literal braces are written '{{{{' and '}}}}'); bad: {bad[:3]}"
+        )
     return out
+
+
+def _fills_one_slot(template: str) -> bool:
+    """Whether `template.format(name)`, as open_clip fills templates, has one `{}` and no other field."""
+    try:
+        fields = [
+            (name, spec, conv)
+            for _, name, spec, conv in string.Formatter().parse(template)
+            if name is not None
+        ]
+    except ValueError:
+        return False
+    return fields == [("", "", None)]
 
 
 @torch.no_grad()

@@ -22,6 +22,8 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
 
 MAX_EXAMPLES_PER_REASON = 5
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+# Modes Image.reduce works on directly (a palette image is reduced after conversion to RGB).
+_REDUCIBLE_MODES = frozenset({"L", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "I", "F"})
 
 
 @dataclass
@@ -60,8 +62,41 @@ class ImageLoadError(Exception):
         self.reason = reason
 
 
-def decode_image(data: bytes, *, max_bytes: int = 50_000_000, max_pixels: int = 50_000_000) -> Image.Image:
-    """Decode untrusted bytes into a fully loaded RGB image, or raise ImageLoadError."""
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """An image's (width, height) from its header alone, or None if PIL cannot read one."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as img:
+                width, height = img.size
+    except Exception:  # not an image, or a header PIL rejects: decode_image will say which
+        return None
+    return width, height
+
+
+def _reduce_factor(size: tuple[int, int], min_side: int | None) -> int:
+    """An integer downscale that keeps the shorter side at least twice `min_side` (1: none)."""
+    if not min_side:
+        return 1
+    return max(1, min(size) // (2 * min_side))
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_bytes: int = 50_000_000,
+    max_pixels: int = 50_000_000,
+    min_side: int | None = None,
+) -> Image.Image:
+    """Decode untrusted bytes into a fully loaded RGB image, or raise ImageLoadError.
+
+    With `min_side` (the size the image is about to be resized to), an image whose shorter side
+    is at least four times larger is decoded smaller, to about twice `min_side`: JPEG by
+    decoding at a fraction of its size (`draft`, DCT scaling: the full image is never in memory),
+    other formats by an integer box reduction right after decoding. Resizing from twice the final
+    size gives the same result to within rounding, and memory per image stays bounded by the
+    image's own size once, not by every image of a request at full size at the same time.
+    """
     if len(data) > max_bytes:
         raise ImageLoadError("too_large", f"{len(data)} bytes > {max_bytes}")
     # PIL reports decompression bombs as a warning first; escalate it so no huge decode ever starts.
@@ -72,8 +107,11 @@ def decode_image(data: bytes, *, max_bytes: int = 50_000_000, max_pixels: int = 
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageLoadError("too_many_pixels", f"{width}x{height} > {max_pixels} pixels")
+            factor = _reduce_factor(img.size, min_side)
+            if factor > 1 and img.format == "JPEG":
+                img.draft("RGB", (width // factor, height // factor))
             img.load()
-            return _to_rgb(img)
+            return _reduced(img, _reduce_factor(img.size, min_side))
         except ImageLoadError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -82,6 +120,15 @@ def decode_image(data: bytes, *, max_bytes: int = 50_000_000, max_pixels: int = 
             raise ImageLoadError("not_an_image", str(exc)) from exc
         except Exception as exc:  # decoders raise many exception types on corrupt input
             raise ImageLoadError("unreadable", f"{type(exc).__name__}: {exc}") from exc
+
+
+def _reduced(img: Image.Image, factor: int) -> Image.Image:
+    """The RGB image reduced `factor` times (before the conversion where the mode allows it)."""
+    if factor <= 1:
+        return _to_rgb(img)
+    if img.mode in _REDUCIBLE_MODES:
+        return _to_rgb(img.reduce(factor))
+    return _to_rgb(img).reduce(factor)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

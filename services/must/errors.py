@@ -11,6 +11,18 @@ class ModelLoadError(MustError):
     """The model cannot be built: unknown architecture, non-ViT tower, bad or missing weights."""
 
 
+class WeightsUnavailable(ModelLoadError):
+    """A pretrained tag's weights are not in the local cache and could not be downloaded.
+
+    `transient`: the download was tried and failed (unreachable, too slow), so a later try may
+    work; False when downloads are turned off, which no retry changes.
+    """
+
+    def __init__(self, message: str, *, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
 class DatasetError(MustError):
     """The images cannot be used: missing folder, no readable image, too few images."""
 

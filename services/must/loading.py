@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import open_clip
 import torch
+from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from open_clip.model import CLIP, CustomTextCLIP, set_model_preprocess_cfg
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 from open_clip.transformer import VisionTransformer
 
-from services.must.errors import ModelLoadError
+from services.must.errors import ModelLoadError, WeightsUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +33,19 @@ class ModelSpec:
     - `arch` with `checkpoint`: an open_clip architecture and a local weights file.
     - `config` with `checkpoint`: a custom open_clip model config (a JSON file path or a dict).
     - `arch` alone: random weights, only meant for benchmarks.
+
+    `arch` must be one of open_clip's built-in architectures and `pretrained` one of its tags for
+    that architecture (never a path or an `hf-hub:` name). A tag's weights come from the local
+    Hugging Face cache; only with `allow_download` are they fetched from the hub, and a fetch that
+    makes no progress for `download_timeout` seconds fails.
     """
 
     arch: str | None = None
     pretrained: str | None = None
     checkpoint: str | None = None
     config: str | dict[str, Any] | None = field(default=None, hash=False)
+    allow_download: bool = True
+    download_timeout: float = 60.0
 
     def describe(self) -> str:
         """A short human-readable name for logs and manifests."""
@@ -91,7 +102,9 @@ def resolve_model_config(spec: ModelSpec) -> dict[str, Any]:
         return _read_config(spec.config)
     if not spec.arch:
         raise ModelLoadError("a model needs an architecture name or a custom config")
-    cfg = open_clip.get_model_config(spec.arch)
+    # Only built-in names: open_clip reads `hf-hub:org/repo` configs from the internet and
+    # `local-dir:/path` ones from the disk.
+    cfg = open_clip.get_model_config(spec.arch) if spec.arch in open_clip.list_models() else None
     if cfg is None:
         vits = [m for m in open_clip.list_models() if m.startswith("ViT-") and _is_usable_vit(m)]
         raise ModelLoadError(
@@ -146,21 +159,92 @@ def _load_weights(model: torch.nn.Module, checkpoint: str, name: str) -> None:
 def _build_from_arch(spec: ModelSpec, cfg: dict[str, Any]) -> CLIP | CustomTextCLIP:
     assert spec.arch is not None
     quick_gelu = bool(cfg.get("quick_gelu"))
-    if spec.checkpoint:
-        if not Path(spec.checkpoint).is_file():
-            raise ModelLoadError(f"checkpoint file {spec.checkpoint!r} does not exist")
-        model = open_clip.create_model(spec.arch, pretrained=None, force_quick_gelu=quick_gelu)
-        _load_weights(model, spec.checkpoint, spec.arch)
-        return model
-    try:
-        return open_clip.create_model(spec.arch, pretrained=spec.pretrained, force_quick_gelu=quick_gelu)
-    except RuntimeError as exc:
+    checkpoint = spec.checkpoint
+    if checkpoint and not Path(checkpoint).is_file():
+        raise ModelLoadError(f"checkpoint file {checkpoint!r} does not exist")
+    if spec.pretrained:
+        checkpoint = pretrained_file(spec)
+    model = open_clip.create_model(spec.arch, pretrained=None, force_quick_gelu=quick_gelu)
+    if checkpoint:
+        _load_weights(model, checkpoint, spec.describe())
+    if spec.pretrained:
+        # The tag's own preprocessing (mean, std, resize mode), as open_clip applies it for a tag.
+        tag_cfg = open_clip.get_pretrained_cfg(spec.arch, spec.pretrained)
+        set_model_preprocess_cfg(model, merge_preprocess_dict(model.visual.preprocess_cfg, tag_cfg))
+    return model
+
+
+def _hub_files(hf_hub: str) -> tuple[str, list[str]]:
+    """The repository of an open_clip `hf_hub` entry and its weight file names, safetensors first."""
+    # `org/repo/file.bin`, or `org/repo/` for the repository's default weights file.
+    repo_id, filename = os.path.split(hf_hub)
+    filename = filename or HF_WEIGHTS_NAME
+    names = [filename]
+    if filename == HF_WEIGHTS_NAME:
+        names.insert(0, HF_SAFE_WEIGHTS_NAME)
+    elif filename.endswith((".bin", ".pth")):
+        names.insert(0, filename[:-4] + ".safetensors")
+    return repo_id, names
+
+
+def _hub_download(repo_id: str, names: list[str], *, local_only: bool, timeout: float) -> str | None:
+    """The first of `names` found in the repository (cache only, or from the hub), or None."""
+    from huggingface_hub import hf_hub_download
+
+    for name in names:
+        try:
+            path: str = hf_hub_download(
+                repo_id, name, local_files_only=local_only, etag_timeout=timeout, library_name="open_clip"
+            )
+        except Exception as exc:  # the hub client raises many types: missing file, offline, HTTP errors
+            log.debug("no %s in %s (%s)", name, repo_id, exc)
+            continue
+        return path
+    return None
+
+
+def pretrained_file(spec: ModelSpec) -> str:
+    """The local weights file of an open_clip pretrained tag: cached, or downloaded when allowed."""
+    assert spec.arch is not None
+    assert spec.pretrained is not None
+    tag_cfg = open_clip.get_pretrained_cfg(spec.arch, spec.pretrained)
+    if not tag_cfg.get("hf_hub"):
         tags = open_clip.list_pretrained_tags_by_model(spec.arch)
         raise ModelLoadError(
-            f"could not load pretrained weights {spec.pretrained!r} for {spec.arch} (known tags: {tags}): "
-            f"{str(exc)[:300]}. Without network access, download the weights once and pass the file "
-            "as the checkpoint."
-        ) from exc
+            f"unknown pretrained tag {spec.pretrained!r} for {spec.arch}; known tags: {tags}"
+        )
+    repo_id, names = _hub_files(tag_cfg["hf_hub"])
+    cached = _hub_download(repo_id, names, local_only=True, timeout=spec.download_timeout)
+    if cached is not None:
+        return cached
+    what = f"the weights of {spec.arch} ({spec.pretrained})"
+    if not spec.allow_download:
+        raise WeightsUnavailable(
+            f"{what} are not in this machine's model cache and downloads are turned off "
+            "(MUST_MODELS__ALLOW_DOWNLOADS); upload the weights and pass them as the checkpoint",
+            transient=False,
+        )
+    # The hub client bounds each request by the timeout; this bounds the whole fetch, retries included.
+    done: Future[str | None] = Future()
+
+    def fetch() -> None:
+        try:
+            done.set_result(_hub_download(repo_id, names, local_only=False, timeout=spec.download_timeout))
+        except BaseException as exc:  # handed to the waiting thread
+            done.set_exception(exc)
+
+    threading.Thread(target=fetch, name=f"download-{spec.arch}", daemon=True).start()
+    try:
+        path = done.result(timeout=spec.download_timeout)
+    except TimeoutError:
+        raise WeightsUnavailable(
+            f"{what} could not be downloaded within {spec.download_timeout:g} s"
+        ) from None
+    if path is None:
+        raise WeightsUnavailable(
+            f"{what} could not be downloaded from the model hub (unreachable or missing)"
+        )
+    return path
 
 
 def make_tokenizer(cfg: dict[str, Any], arch: str | None) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
+from string import Formatter
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
 from pydantic import (
@@ -35,9 +36,14 @@ MAX_CLASSES = 10_000
 # CLIP's tokenizer keeps 77 tokens per prompt; longer names would only be truncated.
 MAX_CLASS_NAME_CHARS = 256
 MAX_TEMPLATES = 256
+# Step counts and other integers are stored in 32-bit database columns.
+MAX_INT = 2**31 - 1
+# open_clip architecture names and pretrained tags: no `:` or `/`, so no `hf-hub:` or `local-dir:`
+# schema and no file path can be named through them.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 
-_PositiveInt = Annotated[int, Field(strict=True, ge=1)]
-_NonNegativeInt = Annotated[int, Field(strict=True, ge=0)]
+_PositiveInt = Annotated[int, Field(strict=True, ge=1, le=MAX_INT)]
+_NonNegativeInt = Annotated[int, Field(strict=True, ge=0, le=MAX_INT)]
 _PositiveFloat = Annotated[float, Field(strict=True, gt=0)]
 _NonNegativeFloat = Annotated[float, Field(strict=True, ge=0)]
 _UnitInterval = Annotated[float, Field(strict=True, ge=0, lt=1)]
@@ -98,6 +104,17 @@ def _location(value: str | None, what: str) -> str | None:
     return value
 
 
+def has_one_slot(template: str) -> bool:
+    """Whether `template.format(name)` fills exactly one `{}` and nothing else (`{{`/`}}` are literal)."""
+    try:
+        fields = [
+            (name, spec, conv) for _, name, spec, conv in Formatter().parse(template) if name is not None
+        ]
+    except ValueError:
+        return False
+    return fields == [("", "", None)]
+
+
 def _listed(items: list[str], limit: int = 10) -> str:
     """A short, quoted list of items for an error message."""
     shown = ", ".join(repr(item) for item in items[:limit])
@@ -153,7 +170,7 @@ class DatasetSpec(BaseModel):
         description="`s3://bucket/prefix/` (or `file:///abs/path` in embedded mode) holding the images",
         examples=["s3://my-images/unlabeled/"],
     )
-    max_images: int | None = Field(default=None, ge=1, description="Use at most this many images")
+    max_images: int | None = Field(default=None, ge=1, le=MAX_INT, description="Use at most this many images")
 
     _uri = field_validator("uri")(_storage_uri)
 
@@ -163,8 +180,22 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    arch: str | None = Field(default=None, min_length=1, examples=["ViT-B-32"])
-    pretrained: str | None = Field(default=None, min_length=1, examples=["openai"])
+    arch: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=100,
+        pattern=MODEL_NAME_PATTERN,
+        description="A built-in open_clip architecture",
+        examples=["ViT-B-32"],
+    )
+    pretrained: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=100,
+        pattern=MODEL_NAME_PATTERN,
+        description="An open_clip pretrained tag of the architecture (not a path: use `checkpoint`)",
+        examples=["openai"],
+    )
     checkpoint: str | None = Field(default=None, description="s3:// or file:// URI, or an absolute path")
     config: str | None = Field(default=None, description="A custom open_clip JSON config (URI or path)")
 
@@ -218,7 +249,16 @@ class AdaptationCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_CREATE_EXAMPLE]})
 
-    class_names: list[str] = Field(description=f"{MIN_CLASSES}..{MAX_CLASSES} unique, non-empty names")
+    class_names: list[str] = Field(
+        description=f"{MIN_CLASSES}..{MAX_CLASSES} unique, non-empty names",
+        # The rules check_class_names enforces, stated in the schema for clients and API fuzzers.
+        json_schema_extra={
+            "minItems": MIN_CLASSES,
+            "maxItems": MAX_CLASSES,
+            "uniqueItems": True,
+            "items": {"type": "string", "minLength": 1, "maxLength": MAX_CLASS_NAME_CHARS, "pattern": r"\S"},
+        },
+    )
     class_descriptions: dict[str, str] | None = Field(
         default=None, description="Extra prompt text per class name"
     )
@@ -240,9 +280,12 @@ class AdaptationCreate(BaseModel):
     @field_validator("templates")
     @classmethod
     def _templates(cls, templates: list[str] | None) -> list[str] | None:
-        bad = [t for t in templates or [] if t.count("{}") != 1]
+        bad = [t for t in templates or [] if not has_one_slot(t)]
         if bad:
-            raise ValueError(f"every template needs exactly one '{{}}' for the class name: {_listed(bad, 3)}")
+            raise ValueError(
+                "every template needs exactly one '{}' for the class name and no other '{...}' field "
+                f"(write literal braces as '{{{{' and '}}}}'): {_listed(bad, 3)}"
+            )
         return templates
 
     @field_validator("hparams")
@@ -288,6 +331,7 @@ class JobErrorInfo(BaseModel):
 
 _PUBLIC_EXAMPLE: dict[str, Any] = {
     "id": "0b6f3c1e-5a52-4c3c-9d0e-2f4f3f2d9a10",
+    "tenant": "acme",
     "status": "running",
     "phase": "training",
     "created_at": "2026-11-25T10:00:00Z",
@@ -346,6 +390,7 @@ class AdaptationPublic(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [_PUBLIC_EXAMPLE]})
 
     id: str
+    tenant: str = Field(default="default", description="The project (API key owner) the job belongs to")
     status: JobStatus
     phase: JobPhase | None = None
     created_at: datetime
@@ -374,6 +419,7 @@ class AdaptationPublic(BaseModel):
         """The public view of a job row (no lease, traceback or idempotency key)."""
         return cls(
             id=job.id,
+            tenant=job.tenant,
             status=job.status,
             phase=job.phase,
             created_at=job.created_at,

@@ -48,6 +48,10 @@ class ObjectStore(Protocol):
         """Delete every object under a non-empty prefix; return how many were deleted."""
         ...
 
+    def delete_keys(self, keys: list[str]) -> None:
+        """Delete these objects; a key with no object is not an error."""
+        ...
+
     def check_access(self) -> None:
         """Raise BucketNotFound or StorageError unless the store can be used."""
         ...

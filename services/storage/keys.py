@@ -22,9 +22,13 @@ def join_key(prefix: str, key: str) -> str:
     return f"{prefix.rstrip('/')}/{key.lstrip('/')}"
 
 
+# The folder of the artifacts store under which every job's files are.
+ADAPTATIONS_FOLDER = "adaptations"
+
+
 def adaptation_prefix(job_id: str) -> str:
     """The folder holding everything one adaptation job writes."""
-    return f"adaptations/{_segment(job_id, 'job id')}/"
+    return f"{ADAPTATIONS_FOLDER}/{_segment(job_id, 'job id')}/"
 
 
 def checkpoint_name(step: int, suffix: str) -> str:

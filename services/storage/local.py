@@ -137,6 +137,13 @@ class LocalObjectStore:
             deleted += 1
         return deleted
 
+    def delete_keys(self, keys: list[str]) -> None:
+        """Delete these files (a missing one is skipped) and the folders this leaves empty."""
+        for key in keys:
+            path = self._path(key)
+            path.unlink(missing_ok=True)
+            self._prune(path.parent)
+
     def _prune(self, folder: Path) -> None:
         """Remove empty folders upward, stopping at the root or the first non-empty one."""
         while folder != self.root and folder.is_relative_to(self.root):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -15,12 +16,26 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from services.config import StorageSettings
-from services.errors import BucketNotFound, InvalidRequest, ObjectNotFound, ObjectTooLarge, StorageError
+from services.errors import (
+    BucketNotFound,
+    InvalidRequest,
+    ObjectNotFound,
+    ObjectTooLarge,
+    StorageError,
+    StorageUnavailable,
+)
 from services.storage.base import ObjectInfo
 from services.storage.keys import join_key
 
+log = logging.getLogger(__name__)
+
 _NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
 _DENIED_CODES = frozenset({"403", "AccessDenied", "Forbidden"})
+# Answers that say "try again later" (throttling, timeouts, server errors).
+# https://docs.aws.amazon.com/AmazonS3/latest/API/ErrorResponses.html
+_TRANSIENT_CODES = frozenset(
+    {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout"}
+)
 # DeleteObjects takes at most 1000 keys per request.
 # https://docs.aws.amazon.com/AmazonS3/latest/API/API_DeleteObjects.html
 _DELETE_BATCH = 1000
@@ -84,9 +99,16 @@ class S3ObjectStore:
         except (S3UploadFailedError, S3TransferFailedError) as exc:
             if "NoSuchBucket" in str(exc):
                 raise BucketNotFound(self.bucket) from exc
-            raise StorageError(f"transfer of {self.uri(key)!r} failed: {exc}") from exc
+            if any(code in str(exc) for code in _DENIED_CODES):
+                raise StorageError(f"access denied to {self.uri(key)!r}: check the S3 credentials") from exc
+            log.warning("transfer of %s failed: %s", self.uri(key), exc)
+            raise StorageUnavailable(
+                f"the transfer of {self.uri(key)!r} failed; the object store may be down"
+            ) from exc
         except BotoCoreError as exc:
-            raise StorageError(f"cannot reach the object store for bucket {self.bucket!r}: {exc}") from exc
+            # The exception's text names the endpoint's address, which clients are not shown.
+            log.warning("object store unreachable for bucket %s: %s", self.bucket, exc)
+            raise StorageUnavailable(f"cannot reach the object store (bucket {self.bucket!r})") from exc
 
     def _translate(self, exc: ClientError, key: str) -> StorageError:
         code = _error_code(exc)
@@ -99,7 +121,9 @@ class S3ObjectStore:
             return StorageError(f"access denied to {self.uri(key)!r}: check the S3 credentials and policy")
         if code in {"412", "PreconditionFailed"}:
             return StorageError(f"object {self.uri(key)!r} changed while it was being read")
-        return StorageError(f"S3 request on {self.uri(key)!r} failed: {code} {exc}")
+        if code in _TRANSIENT_CODES:
+            return StorageUnavailable(f"the object store failed a request on {self.uri(key)!r} ({code})")
+        return StorageError(f"S3 request on {self.uri(key)!r} failed: {code}")
 
     def _bucket_missing(self) -> bool:
         """True only when S3 says the bucket does not exist (denied or unreachable is not "missing")."""
@@ -186,6 +210,11 @@ class S3ObjectStore:
                 deleted += self._delete_batch(batch)
                 batch = []
         return deleted + (self._delete_batch(batch) if batch else 0)
+
+    def delete_keys(self, keys: list[str]) -> None:
+        """Delete these objects, 1000 per request (S3 does not mind keys with no object)."""
+        for start in range(0, len(keys), _DELETE_BATCH):
+            self._delete_batch(keys[start : start + _DELETE_BATCH])
 
     def _delete_batch(self, keys: list[str]) -> int:
         objects = [{"Key": self._full(key)} for key in keys]

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -207,3 +208,66 @@ def test_dockerfile_commands_match_the_compose_commands() -> None:
         cmd = json.loads(re.search(r"^CMD (\[.*\])$", text, re.MULTILINE).group(1))  # type: ignore[union-attr]
         compose = _command(SERVICES[service])
         assert compose[: len(cmd)] == cmd, f"{dockerfile}.Dockerfile CMD differs from the compose command"
+
+
+SECRETS = ("REDIS_PASSWORD", "POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "FLOWER_PASSWORD", "MUST_API_KEYS")
+
+
+def test_no_secret_is_put_on_a_command_line() -> None:
+    for path, name, service in ALL_SERVICES:
+        command = " ".join(str(part) for part in service.get("command") or [])
+        for secret in SECRETS:
+            # `$$NAME` is the container's own variable, expanded inside it; `${NAME...}` is the value.
+            assert "${" + secret not in command, f"{path}:{name} puts {secret} on its command line"
+
+
+def test_flower_asks_for_a_password_that_must_be_set() -> None:
+    flower = SERVICES["flower"]
+    auth = str(flower["environment"]["FLOWER_BASIC_AUTH"])
+
+    assert "${FLOWER_PASSWORD:?" in auth
+    assert "CELERY_BROKER_URL" in flower["environment"]
+
+
+def test_worker_health_checks_probe_the_configured_port() -> None:
+    workers = [(p, n, s) for p, n, s in ALL_SERVICES if str(s.get("image", "")).startswith("must-worker")]
+    assert workers
+    for path, name, service in workers:
+        test = service["healthcheck"]["test"]
+        assert test == ["CMD", "python", "-m", "worker.healthcheck"], f"{path}:{name}"
+        assert "9808" not in json.dumps(service["healthcheck"])
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_the_redis_command_keeps_the_password_off_the_process_list(tmp_path: Path) -> None:
+    from services.launcher import free_port
+
+    script = _command(SERVICES["redis"])
+    assert script[:2] == ["sh", "-c"]
+    port = free_port()
+    # As the container runs it ($$ is compose's escape for $), on a port and file of the test's own.
+    line = script[2].replace("$$", "$").replace("/tmp/redis.conf", str(tmp_path / "redis.conf"))
+    line = (
+        line.replace("exec redis-server", "exec redis-server") + f" --port {port} --bind 127.0.0.1 --save ''"
+    )
+    line = line.replace("appendonly yes", "appendonly no")
+    password = "s3cret-pass"
+    proc = subprocess.Popen(["sh", "-c", line], env={"PATH": os.environ["PATH"], "REDIS_PASSWORD": password})
+    try:
+        import redis
+
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert redis.Redis(port=port, password=password, socket_timeout=2).ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port, socket_timeout=2).get("x")
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        assert password.encode() not in cmdline
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -91,10 +91,72 @@ def test_production_refuses_unsafe(
 @pytest.mark.parametrize(
     ("name", "value", "message"),
     [
+        ("MUST_API_KEYS", "change-me-api-key", "api_keys is still a change-me placeholder"),
+        ("MUST_ADMIN_API_KEYS", "ops:change-me-admin", "admin_api_keys is still a change-me placeholder"),
+        (
+            "MUST_DATABASE__URL",
+            "postgresql+psycopg://must:change-me-postgres@postgres:5432/must",
+            "database.url is still a change-me placeholder",
+        ),
+        (
+            "MUST_BROKER__URL",
+            "redis://:change-me-redis@redis:6379/0",
+            "broker.url is still a change-me placeholder",
+        ),
+        (
+            "AWS_SECRET_ACCESS_KEY",
+            "change-me-minio",
+            "AWS_SECRET_ACCESS_KEY is still a change-me placeholder",
+        ),
+    ],
+)
+def test_production_refuses_placeholder_secrets(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, message: str
+) -> None:
+    for key, default in PROD_ENV.items():
+        monkeypatch.setenv(key, default)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=message):
+        Settings()
+
+
+def test_placeholders_are_fine_outside_production(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MUST_ENVIRONMENT", "development")
+    monkeypatch.setenv("MUST_API_KEYS", "change-me-api-key")
+
+    assert Settings().api_keys == ["change-me-api-key"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("plain-key", [("default", "plain-key", False)]),
+        ("acme:k1, team-b:k2", [("acme", "k1", False), ("team-b", "k2", False)]),
+    ],
+)
+def test_env_keys_carry_their_tenant(
+    monkeypatch: pytest.MonkeyPatch, raw: str, expected: list[tuple[str, str, bool]]
+) -> None:
+    monkeypatch.setenv("MUST_API_KEYS", raw)
+    monkeypatch.setenv("MUST_ADMIN_API_KEYS", "root-key")
+
+    assert Settings().env_keys() == [*expected, ("admin", "root-key", True)]
+
+
+def test_a_key_with_a_bad_tenant_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MUST_API_KEYS", "Not A Tenant:key")
+    with pytest.raises(ValidationError, match="TENANT:KEY"):
+        Settings()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
         ("MUST_STORAGE__ARTIFACTS_URI", "gs://bucket", "unsupported storage scheme"),
         ("MUST_DATABASE__URL", "mysql://x", "sqlite:// or postgresql"),
         ("MUST_WORKER__LEASE_SECONDS", "5", "lease_seconds must be longer"),
         ("MUST_ENVIRONMENT", "staging", "environment"),
+        ("MUST_MODELS__LOCAL_DIRS", "models/", "must be absolute"),
     ],
 )
 def test_invalid_values_refused(monkeypatch: pytest.MonkeyPatch, name: str, value: str, message: str) -> None:

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Header, Query
 from fastapi import Path as PathParam
 from sqlalchemy.orm import Session
 
+from api.common.auth import PrincipalDep
 from api.common.errors import ServiceUnavailable, error_responses
 from api.control.deps import QueueDep, SessionDep, SettingsDep, StoreOpener, StoreOpenerDep
 from api.control.queue import JobQueue
@@ -21,7 +22,9 @@ from services.config import Settings
 from services.errors import InvalidRequest, JobNotFound
 from services.jobs import repository
 from services.jobs.states import JobStatus
+from services.locations import check_request_locations
 from services.schemas.jobs import (
+    MAX_INT,
     AdaptationCreate,
     AdaptationPublic,
     AdaptationsPage,
@@ -61,10 +64,7 @@ def check_dataset(dataset: DatasetSpec, settings: Settings, opener: StoreOpener)
     """Cheap submit-time checks: a file:// folder exists; an s3:// bucket exists, its prefix is not empty."""
     location = parse_uri(dataset.uri)
     if isinstance(location, FileURI):
-        if settings.environment == "production":
-            raise InvalidRequest(
-                "file:// datasets are only accepted in embedded and development mode: use s3://"
-            )
+        # check_request_locations has already refused local folders outside the embedded mode.
         if not location.path.is_dir():
             raise InvalidRequest(f"dataset folder {str(location.path)!r} does not exist or is not a folder")
         return
@@ -83,7 +83,8 @@ def _enqueue(session: Session, queue: JobQueue, job_id: str) -> None:
         task_id = queue.submit(TrainJobMessage(job_id=job_id))
     except Exception as exc:
         logger.exception("could not enqueue adaptation job %s", job_id)
-        reason = f"the job could not be queued: {type(exc).__name__}: {exc}"
+        # The exception's text may hold the broker URL and its password: only its type is shown.
+        reason = f"the job could not be queued ({type(exc).__name__}); the broker was unreachable"
         repository.mark_failed(session, job_id, error_type="QueueUnavailable", message=reason)
         raise ServiceUnavailable(
             f"the job queue is unreachable; adaptation job {job_id!r} was recorded as failed, retry later"
@@ -95,7 +96,7 @@ def _enqueue(session: Session, queue: JobQueue, job_id: str) -> None:
     "",
     status_code=HTTPStatus.ACCEPTED,
     response_model=AdaptationPublic,
-    responses=error_responses(415, 422, 503),
+    responses=error_responses(413, 415, 422, 503),
 )
 def create_adaptation(
     body: AdaptationCreate,
@@ -103,12 +104,16 @@ def create_adaptation(
     queue: QueueDep,
     settings: SettingsDep,
     opener: StoreOpenerDep,
+    principal: PrincipalDep,
     idempotency_key: IdempotencyKey = None,
 ) -> AdaptationPublic:
     """Submit an adaptation job: validate it, record it as queued and enqueue it for a GPU worker."""
+    check_request_locations(body, settings)
     check_dataset(body.dataset, settings, opener)
     request = body.model_dump(mode="json")
-    job = repository.create_job(session, request=request, idempotency_key=idempotency_key)
+    job = repository.create_job(
+        session, request=request, idempotency_key=idempotency_key, tenant=principal.tenant
+    )
     # Enqueue a new job, or a replayed one whose first submission died between commit and enqueue.
     # A duplicate message is harmless: the worker's lease in the database runs a job only once.
     if job.status == JobStatus.QUEUED and job.celery_task_id is None:
@@ -119,20 +124,27 @@ def create_adaptation(
 @router.get("", response_model=AdaptationsPage, responses=error_responses(422))
 def list_adaptations(
     session: SessionDep,
+    principal: PrincipalDep,
     status: Annotated[JobStatus | None, Query(description="Only jobs with this status")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
 ) -> AdaptationsPage:
-    """List adaptation jobs, newest first, optionally filtered by status."""
-    jobs, total = repository.list_jobs(session, status=status, limit=limit, offset=offset)
+    """List your adaptation jobs (an admin key: everyone's), newest first, optionally filtered by status."""
+    jobs, total = repository.list_jobs(
+        session, status=status, limit=limit, offset=offset, tenant=principal.scope
+    )
     items = [AdaptationPublic.from_job(job) for job in jobs]
     return AdaptationsPage(items=items, total=total, limit=limit, offset=offset)
 
 
 @router.get("/{adaptation_id}", response_model=AdaptationPublic, responses=error_responses(404))
-def get_adaptation(adaptation_id: AdaptationId, session: SessionDep) -> AdaptationPublic:
+def get_adaptation(
+    adaptation_id: AdaptationId, session: SessionDep, principal: PrincipalDep
+) -> AdaptationPublic:
     """Get one adaptation job: status, progress, latest metrics, image counts, artifact and error."""
-    return AdaptationPublic.from_job(repository.get_job(session, _job_id(adaptation_id)))
+    return AdaptationPublic.from_job(
+        repository.get_job(session, _job_id(adaptation_id), tenant=principal.scope)
+    )
 
 
 @router.post(
@@ -141,19 +153,25 @@ def get_adaptation(adaptation_id: AdaptationId, session: SessionDep) -> Adaptati
     response_model=AdaptationPublic,
     responses=error_responses(404, 409),
 )
-def cancel_adaptation(adaptation_id: AdaptationId, session: SessionDep) -> AdaptationPublic:
+def cancel_adaptation(
+    adaptation_id: AdaptationId, session: SessionDep, principal: PrincipalDep
+) -> AdaptationPublic:
     """Cancel a job: a queued one at once, a running one at its next step (409 if already finished)."""
-    return AdaptationPublic.from_job(repository.request_cancel(session, _job_id(adaptation_id)))
+    job = repository.request_cancel(session, _job_id(adaptation_id), tenant=principal.scope)
+    return AdaptationPublic.from_job(job)
 
 
 @router.get("/{adaptation_id}/metrics", response_model=MetricsPage, responses=error_responses(404, 422))
 def list_adaptation_metrics(
     adaptation_id: AdaptationId,
     session: SessionDep,
-    since_step: Annotated[int, Query(ge=0, description="First training step to return")] = 0,
+    principal: PrincipalDep,
+    since_step: Annotated[int, Query(ge=0, le=MAX_INT, description="First training step to return")] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> MetricsPage:
     """Get a job's metric history in step order, for plots (page on with `since_step`)."""
     job_id = _job_id(adaptation_id)
-    metrics = repository.list_metrics(session, job_id, since_step=since_step, limit=limit)
+    metrics = repository.list_metrics(
+        session, job_id, since_step=since_step, limit=limit, tenant=principal.scope
+    )
     return MetricsPage(adaptation_id=job_id, items=[MetricPoint.from_metric(m) for m in metrics])

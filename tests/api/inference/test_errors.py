@@ -121,4 +121,4 @@ def test_local_files_are_refused_outside_the_embedded_mode(
             headers={"X-API-Key": "test-key"},
         )
     assert answer.status_code == 422
-    assert "checkpoint and config files" in answer.text
+    assert "local files are accepted only in the embedded mode" in answer.text

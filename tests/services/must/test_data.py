@@ -19,6 +19,7 @@ from services.must.data import (
     ResumableSampler,
     SkipReport,
     decode_image,
+    image_size,
     scan_folder,
 )
 
@@ -124,6 +125,37 @@ def test_decode_image_refuses_formats_outside_allow_list() -> None:
 
 
 # SkipReport
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_decode_image_reduces_large_images_to_about_twice_the_input_side(fmt: str) -> None:
+    big = Image.linear_gradient("L").resize((2400, 1800)).convert("RGB")
+    data = _encode(big, fmt)
+
+    out = decode_image(data, min_side=224)
+
+    assert out.mode == "RGB"
+    # The shorter side stays at least twice the input side, the aspect ratio is kept.
+    assert 448 <= min(out.size) < 900
+    assert abs(out.size[0] / out.size[1] - 4 / 3) < 0.01
+    # The content survives the reduction: it still matches the full decode, downscaled.
+    full = decode_image(data).resize(out.size, Image.Resampling.BOX)
+    diff = np.abs(np.asarray(full, dtype=np.int16) - np.asarray(out, dtype=np.int16))
+    assert diff.mean() < 3
+
+
+def test_decode_image_keeps_images_below_four_times_the_input_side() -> None:
+    image = Image.new("RGB", (800, 600), (10, 20, 30))
+
+    assert decode_image(_encode(image, "PNG"), min_side=224).size == (800, 600)
+    assert decode_image(_encode(image, "PNG")).size == (800, 600)
+
+
+def test_image_size_reads_the_header() -> None:
+    data = _encode(Image.new("RGB", (640, 480)), "PNG")
+
+    assert image_size(data) == (640, 480)
+    assert image_size(b"not an image") is None
 
 
 def test_skip_report_keeps_at_most_five_examples() -> None:

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -14,7 +16,7 @@ from open_clip.transformer import QuickGELU, VisionTransformer
 from safetensors.torch import load_file
 
 from services.must import loading
-from services.must.errors import ModelLoadError
+from services.must.errors import ModelLoadError, WeightsUnavailable
 from services.must.loading import LoadedClip, ModelSpec, load_clip, resolve_model_config
 from tests.services.must.conftest import build_random_clip, save_state_dict
 
@@ -219,13 +221,28 @@ def _assert_probes(clip: LoadedClip, probes: dict[str, torch.Tensor]) -> None:
 
 
 @pytest.fixture
-def offline_hub(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Belt and braces: anything that still tries Hugging Face fails instead of waiting on the network."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def hub_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """An empty Hugging Face cache for the test, and the hub client in offline mode."""
+    import huggingface_hub.constants as hub
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def _put_in_hub_cache(cache: Path, repo_id: str, filename: str, source: Path) -> None:
+    """Lay a file out as huggingface_hub's cache keeps a downloaded one (refs/main -> snapshot)."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / filename).write_bytes(source.read_bytes())
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("offline_hub")
 def test_vit_b32_with_local_checkpoint(vit_b32_source: SimpleNamespace) -> None:
     clip = load_clip(ModelSpec(arch="ViT-B-32", checkpoint=str(vit_b32_source.path)))
 
@@ -240,23 +257,16 @@ def test_vit_b32_with_local_checkpoint(vit_b32_source: SimpleNamespace) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("offline_hub")
-def test_vit_b32_pretrained_tag_with_mocked_hub(
-    monkeypatch: pytest.MonkeyPatch, vit_b32_source: SimpleNamespace
+def test_vit_b32_pretrained_tag_from_the_local_hub_cache(
+    hub_cache: Path, vit_b32_source: SimpleNamespace
 ) -> None:
-    asked: list[dict[str, Any]] = []
-
-    def fake_download(cfg: dict[str, Any], *args: Any, **kwargs: Any) -> str:
-        asked.append(cfg)
-        return str(vit_b32_source.path)
-
-    monkeypatch.setattr(open_clip.factory, "download_pretrained", fake_download)
+    _put_in_hub_cache(
+        hub_cache, "timm/vit_base_patch32_clip_224.openai", "open_clip_model.safetensors", vit_b32_source.path
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        clip = load_clip(ModelSpec(arch="ViT-B-32", pretrained="openai"))
+        clip = load_clip(ModelSpec(arch="ViT-B-32", pretrained="openai", allow_download=False))
 
-    assert len(asked) == 1
-    assert asked[0]["quick_gelu"] is True
     _assert_ready(clip, (224, 224))
     assert clip.tokenizer.context_length == 77
     _assert_probes(clip, vit_b32_source.probes)
@@ -269,25 +279,59 @@ def test_vit_b32_pretrained_tag_with_mocked_hub(
     assert not [w for w in caught if "QuickGELU" in str(w.message)]
 
 
-@pytest.mark.slow
-@pytest.mark.usefixtures("offline_hub")
-def test_vit_b32_pretrained_tag_without_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_network(*args: Any, **kwargs: Any) -> str:
-        raise OSError("could not reach huggingface.co")
-
-    monkeypatch.setattr(open_clip.factory, "download_pretrained", no_network)
+def test_pretrained_tag_not_cached_with_downloads_off_fails_at_once(hub_cache: Path) -> None:
     start = time.perf_counter()
-    with pytest.raises(ModelLoadError) as info:
-        load_clip(ModelSpec(arch="ViT-B-32", pretrained="openai"))
+    with pytest.raises(WeightsUnavailable) as info:
+        load_clip(ModelSpec(arch="ViT-B-32", pretrained="openai", allow_download=False))
     message = str(info.value)
-    assert "'openai'" in message
-    assert "ViT-B-32" in message
-    assert "could not reach" in message
-    assert "pass the file as the checkpoint" in message
+    assert "ViT-B-32 (openai)" in message
+    assert "downloads are turned off" in message
+    assert "checkpoint" in message
     assert time.perf_counter() - start < 2.0  # fails before building a 150M-parameter model
 
 
-def test_unknown_pretrained_tag(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(open_clip.factory, "download_pretrained", lambda *a, **k: pytest.fail("no download"))
+@pytest.fixture
+def silent_hub(monkeypatch: pytest.MonkeyPatch, hub_cache: Path) -> Iterator[None]:
+    """A hub that accepts connections and never answers, where the hub client sends its requests."""
+    import huggingface_hub.constants as hub
+
+    server = socket.create_server(("127.0.0.1", 0))
+    server.listen(16)
+    port = server.getsockname()[1]
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(
+        hub,
+        "HUGGINGFACE_CO_URL_TEMPLATE",
+        f"http://127.0.0.1:{port}/{{repo_id}}/resolve/{{revision}}/{{filename}}",
+    )
+    try:
+        yield
+    finally:
+        server.close()
+
+
+@pytest.mark.usefixtures("silent_hub")
+def test_a_download_that_hangs_fails_within_its_timeout() -> None:
+    start = time.perf_counter()
+    with pytest.raises(WeightsUnavailable, match="could not be downloaded within 1 s"):
+        load_clip(ModelSpec(arch="ViT-B-32", pretrained="openai", download_timeout=1.0))
+    assert time.perf_counter() - start < 3.0
+
+
+@pytest.mark.parametrize("arch", ["hf-hub:timm/vit_base_patch32_clip_224.openai", "local-dir:/etc"])
+def test_schema_prefixed_architectures_are_unknown_and_read_nothing(arch: str, hub_cache: Path) -> None:
+    start = time.perf_counter()
+    with pytest.raises(ModelLoadError, match="unknown architecture"):
+        load_clip(ModelSpec(arch=arch))
+    assert time.perf_counter() - start < 2.0
+
+
+def test_a_path_as_pretrained_tag_is_not_opened(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    with pytest.raises(ModelLoadError, match="unknown pretrained tag"):
+        load_clip(ModelSpec(arch="ViT-B-32", pretrained=str(tiny_checkpoint)))
+
+
+@pytest.mark.usefixtures("hub_cache")
+def test_unknown_pretrained_tag() -> None:
     with pytest.raises(ModelLoadError, match="known tags: .*laion2b_s34b_b79k"):
         load_clip(ModelSpec(arch="ViT-B-32", pretrained="no-such-tag"))
