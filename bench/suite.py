@@ -29,8 +29,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from bench import shapes
-from bench.tiny_clip import TINY_CLIP_SPEC
+from bench import glyphs, shapes
+from bench.tiny_clip import GLYPHS_CLIP_SPEC, TINY_CLIP_SPEC
 from services.must.adapt import Adaptation, list_images, start
 from services.must.config import MustConfig
 from services.must.evaluation import top1
@@ -58,7 +58,7 @@ class Case:
             yield self.sampler(i, seed)
 
 
-MODELS: dict[str, ModelSpec] = {"shapes": TINY_CLIP_SPEC}
+MODELS: dict[str, ModelSpec] = {"shapes": TINY_CLIP_SPEC, "glyphs": GLYPHS_CLIP_SPEC}
 
 
 def _shapes(style: shapes.TargetStyle, classes: tuple[str, ...]) -> Sampler:
@@ -70,7 +70,26 @@ def _shapes(style: shapes.TargetStyle, classes: tuple[str, ...]) -> Sampler:
     return draw
 
 
+def _glyphs(preset: str, classes: tuple[str, ...]) -> Sampler:
+    ids = tuple(glyphs.CLASS_NAMES.index(c) for c in classes)
+    total = len(glyphs.CLASS_NAMES)
+
+    def draw(index: int, seed: int) -> tuple[Image.Image, int]:
+        # glyphs.sample labels image i as i % 106; this index draws class ids[index % K] instead.
+        label = index % len(ids)
+        image, _ = glyphs.sample("target", (index // len(ids)) * total + ids[label], seed, style=preset)
+        return image, label
+
+    return draw
+
+
 SHAPE_CLASSES = shapes.CLASS_NAMES
+GLYPH_CLASSES = glyphs.CLASS_NAMES
+# Digits and capital letters (the glyph classes name them "digit 7", "capital a").
+DIGITS_AND_CAPITALS = tuple(c for c in GLYPH_CLASSES if c.startswith(("digit ", "capital ")) and len(c) <= 9)
+SHAPES_FOUR = ("triangle", "star", "crescent", "arrow")
+_S = shapes.TargetStyle
+
 CASES: tuple[Case, ...] = (
     Case(
         "shapes-closeup",
@@ -79,7 +98,61 @@ CASES: tuple[Case, ...] = (
         3000,
         "dev",
         SHAPE_CLASSES,
-        _shapes(shapes.TargetStyle(), SHAPE_CLASSES),
+        _shapes(_S(), SHAPE_CLASSES),
+    ),
+    Case(
+        "glyphs-colour",
+        "glyphs",
+        "colour: ink on tinted, shaded paper",
+        3000,
+        "dev",
+        GLYPH_CLASSES,
+        _glyphs("colour", GLYPH_CLASSES),
+    ),
+    Case(
+        "shapes-4-low-contrast",
+        "shapes",
+        "contrast and background",
+        500,
+        "confirm",
+        SHAPES_FOUR,
+        _shapes(_S(contrast=(0.3, 0.5)), SHAPES_FOUR),
+    ),
+    Case(
+        "shapes-rotated",
+        "shapes",
+        "rotation, framing, background",
+        2000,
+        "confirm",
+        SHAPE_CLASSES,
+        _shapes(_S(tilt=(-3.14159, 3.14159)), SHAPE_CLASSES),
+    ),
+    Case(
+        "glyphs-style",
+        "glyphs",
+        "style: serif typefaces",
+        10000,
+        "confirm",
+        GLYPH_CLASSES,
+        _glyphs("style", GLYPH_CLASSES),
+    ),
+    Case(
+        "glyphs-34-blur",
+        "glyphs",
+        "resolution, blur, noise",
+        2000,
+        "confirm",
+        DIGITS_AND_CAPITALS,
+        _glyphs("blur", DIGITS_AND_CAPITALS),
+    ),
+    Case(
+        "glyphs-rotation",
+        "glyphs",
+        "rotation",
+        1000,
+        "confirm",
+        GLYPH_CLASSES,
+        _glyphs("rotation", GLYPH_CLASSES),
     ),
 )
 
