@@ -307,6 +307,7 @@ def _run(ctx: JobContext, lost: threading.Event) -> None:
         **(decision.to_dict() if decision else {}),
         "views": run.views.to_dict() if run.views else None,
         "threshold": run.threshold,
+        "predictions": manifest.metrics.get("predictions"),
     }
     with ctx.session_factory() as session:
         repository.mark_succeeded(

@@ -289,6 +289,26 @@ class Adaptation:
         self.decision = decision
         return decision
 
+    def predictions(self, decision: Decision) -> dict[str, Any]:
+        """On the guard sample: how many images each class gets from zero-shot and from the served
+        classifier (the class-prior bias adaptation corrects shows here), and quantiles of the
+        served classifier's confidence (to choose an abstain threshold without labels)."""
+        k = self.prepared.network.num_classes
+        served = self.seen.get(decision.served, self.seen[ZERO_SHOT])
+        counts = {
+            name: torch.bincount(self.seen[name].labels, minlength=k).tolist()
+            for name in dict.fromkeys([ZERO_SHOT, decision.served])
+            if name in self.seen
+        }
+        confidence = served.probs.max(1).values
+        levels = (0.01, 0.05, 0.1, 0.25, 0.5)
+        quantiles = torch.quantile(confidence, torch.tensor(levels)).tolist()
+        return {
+            "images": len(self.guard_paths),
+            "class_counts": counts,
+            "confidence_quantiles": {str(q): round(v, 5) for q, v in zip(levels, quantiles, strict=True)},
+        }
+
     def served_classifier(self, decision: Decision) -> ImageClassifier:
         """The classifier `decision` names, with the run's class names and preprocessing."""
         p = self.prepared
@@ -318,6 +338,7 @@ class Adaptation:
             "threshold": self.threshold,
             "views": self.views.to_dict() if self.views else None,
             "guard": decision.to_dict(),
+            "predictions": self.predictions(decision),
             "last_step": result.history[-1] if result.history else {},
         }
         return export_classifier(

@@ -382,6 +382,11 @@ class Outcome(BaseModel):
         default=None, description="The student's view strength fitted without labels, and its agreement"
     )
     threshold: list[float] = Field(default_factory=list)
+    predictions: dict[str, Any] | None = Field(
+        default=None,
+        description="On the guard's sample of the unlabeled images: images per class from zero-shot and "
+        "from the served classifier (class_counts), and quantiles of the served confidence",
+    )
 
 
 class AdaptationPublic(BaseModel):

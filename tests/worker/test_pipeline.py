@@ -110,6 +110,8 @@ def test_job_trains_and_publishes_classifier(
     assert {c["name"] for c in job.outcome["candidates"]} >= {"zero_shot", "teacher", "student"}
     assert job.outcome["views"]["target"] == 0.8
     assert job.outcome["threshold"] == manifest["metrics"]["threshold"]
+    assert job.outcome["predictions"] == manifest["metrics"]["predictions"]
+    assert sum(job.outcome["predictions"]["class_counts"]["zero_shot"]) == NUM_IMAGES
     assert job.artifact_uri == f"s3://{bucket}/artifacts/adaptations/{job_id}/classifier"
     assert job.checkpoint_uri == f"s3://{bucket}/artifacts/adaptations/{job_id}/checkpoints/latest.json"
     with session_factory() as session:

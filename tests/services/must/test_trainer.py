@@ -63,6 +63,14 @@ def test_progress_and_checkpoints(micro_clip: ModelSpec, images: Path, tmp_path:
     # Zero-shot, the teacher at a quarter, half and three quarters of the 6 steps, and both at the end.
     assert names == ["zero_shot", "teacher@2", "teacher@3", "teacher@4", "teacher", "student"]
     assert guard["reason"]
+    predictions = manifest["metrics"]["predictions"]
+    assert predictions["images"] == 40  # the guard sample is every image when there are few
+    counts = predictions["class_counts"]
+    assert set(counts) == {"zero_shot", guard["served"]}
+    assert all(len(c) == len(CLASSES) and sum(c) == 40 for c in counts.values())
+    quantiles = list(predictions["confidence_quantiles"].values())
+    assert quantiles == sorted(quantiles)
+    assert 1 / len(CLASSES) <= quantiles[0] <= 1.0
 
 
 def test_cancel_then_resume_matches_uninterrupted_run(
