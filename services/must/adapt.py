@@ -187,19 +187,21 @@ def _stored_views(checkpoint_dir: Path | None, cfg: MustConfig) -> MustConfig | 
 
 
 def guard_outputs(
-    network: MustNetwork,
+    network: MustNetwork | SnapshotMemory,
     preprocess: Any,
     paths: Sequence[Path],
     cfg: MustConfig,
     device: torch.device,
+    logit_scale: float | None = None,
 ) -> Outputs:
-    """`network`'s features and probabilities on the guard sample, as served (eval view, fp32 head)."""
+    """Features and probabilities on the guard sample, as served (eval view, fp32 head)."""
     views = _Seedless(eval_transform(preprocess))
+    scale = logit_scale if logit_scale is not None else float(network.logit_scale)
     # Loading draws a base seed from torch's RNG; the run's random streams must not move.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         batches = (x for x in _batches(paths, views, cfg, device))
         dtype = autocast_dtype(cfg.precision, device)
-        return outputs_of(network.visual, network.head, network.logit_scale, batches, device, dtype)
+        return outputs_of(network.visual, network.head, scale, batches, device, dtype)
 
 
 @dataclass
@@ -286,6 +288,17 @@ class Adaptation:
         servable = [s for s in scores if not s.name.startswith("teacher@") or s.step == kept]
         decision = decide(servable, self.config.guard_margin)
         decision.candidates = scores
+        if decision.served not in self.seen:
+            # A snapshot scored before the job was resumed: its outputs come from the weights held.
+            scale = self.prepared.network.logit_scale
+            self.seen[decision.served] = guard_outputs(
+                self.snapshots,
+                self.prepared.clip.preprocess,
+                self.guard_paths,
+                self.config,
+                self.device,
+                scale,
+            )
         self.decision = decision
         return decision
 

@@ -176,3 +176,26 @@ def test_a_resumed_run_keeps_the_views_its_checkpoint_trained_with(
     assert resumed.config.strong_crop_min == 0.5
     assert resumed.config.rand_augment == chosen["rand_augment"]
     assert resumed.config.hflip is False
+
+
+def test_a_snapshot_kept_before_a_resume_can_still_be_served_and_described(
+    micro_clip: ModelSpec, images: Path, tmp_path: Path
+) -> None:
+    from services.must.adapt import list_images, start
+    from services.must.guard import CandidateScore
+
+    adapt(images, CLASSES, out_dir=tmp_path, model=micro_clip, config=_config(total_steps=4))
+    paths, _ = list_images(images)
+    run = start(paths, CLASSES, model=micro_clip, config=_config(total_steps=4), device="cpu")
+    run.train(tmp_path / "checkpoints")  # restores everything, trains nothing: the run was complete
+    assert [s.name for s in run.snapshots.scores()] == ["teacher@1", "teacher@2", "teacher@3"]
+    assert "teacher@2" not in run.seen  # scored by the interrupted process, not this one
+    best = CandidateScore("teacher@2", 2, 1.0, 0.5, 0.5, 0.5, 1.0)
+    assert run.snapshots.offer(1, best, run.task.teacher.module, 0.0)
+
+    decision = run.choose()
+
+    assert decision.served == "teacher@2"
+    summary = run.predictions(decision)
+    assert set(summary["class_counts"]) == {"zero_shot", "teacher@2"}
+    assert sum(summary["class_counts"]["teacher@2"]) == 40
