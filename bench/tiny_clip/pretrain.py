@@ -10,7 +10,10 @@ CLIP's prompt templates filled with the class name, so zero-shot prompting works
 Because a batch of 128 over ten classes holds many captions of the same class, plain InfoNCE
 (one positive per row) fights itself; every pair of the same class counts as a positive here.
 Source images get random crops and cutout occlusions (see `augment`).
-Seeded: the same command on the same software reproduces the committed checkpoint.
+Seeded: the same command with the same software, CPU kind and thread count gives the same weights
+(safetensors may write the header's metadata keys in another order). A rerun of the glyph command
+gave the committed tensors exactly. The shapes checkpoint came from another machine: rerun on a
+2-core AVX-512 one, 0.7% of its fp16 values differ by at most 0.004, with the same zero-shot top-1.
 """
 
 from __future__ import annotations
