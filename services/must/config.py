@@ -86,9 +86,9 @@ class MustConfig:
     fairness_weight: float = 1.0
     mim_weight: float = 1.0
     align_weight: float = 0.2
-    # Images the fairness term's mean prediction is estimated over (the reference's global batch;
-    # 3 per class from 342 classes on, see losses.fairness_window).
-    fairness_samples: int = 1024
+    # Images the fairness term's mean prediction is estimated over; None: the reference's global
+    # batch of 1,024, or 3 per class from 342 classes on (see losses.fairness_window).
+    fairness_samples: int | None = None
     # The label-free guard (guard.py): how many of the images score the candidates, and by how
     # much an adapted classifier's margin must beat zero-shot's to be served.
     guard_images: int = 2048
@@ -114,7 +114,10 @@ class MustConfig:
                 "rand_augment must be a timm policy such as 'rand-m9'",
             ),
             (0.0 < self.view_agreement <= 1.0, "view_agreement must be in (0, 1]"),
-            (self.fairness_samples >= 1, "fairness_samples must be positive"),
+            (
+                self.fairness_samples is None or self.fairness_samples >= 1,
+                "fairness_samples must be positive",
+            ),
             (self.guard_images >= 2, "guard_images must be at least 2"),
             (-1.0 <= self.guard_margin <= 1.0, "guard_margin must be in [-1, 1]"),
             (0.0 < self.layer_decay <= 1.0, "layer_decay must be in (0, 1]"),

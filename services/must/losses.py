@@ -54,14 +54,15 @@ def ema_momentum(batch_size: int, window: int) -> float:
     return max(0.0, (window - batch_size) / (window + batch_size))
 
 
-def fairness_window(num_classes: int, samples: int = 1024) -> int:
-    """Samples the fairness term's mean prediction is estimated over: ~1,000, and 3 per class.
+def fairness_window(num_classes: int, samples: int | None = None) -> int:
+    """Samples the fairness term's mean prediction is estimated over: `samples` when given, else
+    ~1,000 and at least 3 per class.
 
     The reference estimates it over its global batch of 1,024; from 512 classes on, where 1,024
     samples leave about one per class, it also mixes in its previous estimate half and half,
     an EMA over about three batches (3,072 samples). max(1024, 3K) matches both regimes.
     """
-    return max(samples, 3 * num_classes)
+    return samples if samples is not None else max(1024, 3 * num_classes)
 
 
 def batch_log_mean(log_probs: Tensor) -> Tensor:

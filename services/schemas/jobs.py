@@ -75,7 +75,7 @@ HPARAM_TYPES: dict[str, Any] = {
     "fairness_weight": _NonNegativeFloat,
     "mim_weight": _NonNegativeFloat,
     "align_weight": _NonNegativeFloat,
-    "fairness_samples": Annotated[int, Field(strict=True, ge=1, le=10_000_000)],
+    "fairness_samples": Annotated[int, Field(strict=True, ge=1, le=10_000_000)] | None,
     "guard_images": Annotated[int, Field(strict=True, ge=2, le=100_000)],
     "guard_margin": Annotated[float, Field(strict=True, ge=-1, le=1)],
     "seed": _NonNegativeInt,

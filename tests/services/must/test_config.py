@@ -36,6 +36,9 @@ def test_from_dict_builds_and_validates() -> None:
         ({"layer_decay": 0.0}, "layer_decay"),
         ({"lr": 0.0}, "learning rates must be positive"),
         ({"mim_weight": -1.0}, "loss weights"),
+        ({"fairness_samples": 0}, "fairness_samples must be positive"),
+        ({"view_agreement": 0.0}, "view_agreement"),
+        ({"guard_images": 1}, "guard_images"),
     ],
 )
 def test_validate_rejects(values: dict[str, object], message: str) -> None:

@@ -189,6 +189,7 @@ def test_fairness_window_follows_the_class_count() -> None:
     assert fairness_window(341) == 1024
     assert fairness_window(1000) == 3000
     assert fairness_window(10, samples=4096) == 4096
+    assert fairness_window(1000, samples=64) == 64  # an explicit window is taken as given
 
 
 def test_masked_image_loss_counts_masked_pixels_only() -> None:
