@@ -27,7 +27,7 @@ from client.progress import JobProgressBar, describe_job
 from services.launcher import Platform
 
 DEMO_DIR = Path(".demo")
-BATCH = 100
+BATCH = 64  # the inference service takes at most 64 files per request by default
 
 
 def embedded_env(root: Path) -> dict[str, str]:
