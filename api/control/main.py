@@ -21,9 +21,9 @@ from api.common import health, metrics
 from api.common.auth import API_KEY, install_auth
 from api.common.errors import SECURED_ERRORS, error_responses, register_exception_handlers
 from api.common.limits import BodySizeLimit
+from api.control.dashboard import mount_dashboard
 from api.control.deps import StoreOpener
 from api.control.queue import CeleryJobQueue, JobQueue
-from api.control.dashboard import mount_dashboard
 from api.control.routes import adaptations, samples
 from services.config import Settings, get_settings
 from services.db.migrate import upgrade
