@@ -441,14 +441,16 @@
       return;
     }
     const names = classNames(job);
-    const label = (name) => (name === "zero_shot" ? "zero-shot" : `served: ${name}`);
-    const datasets = Object.entries(counts).map(([name, values], i) => ({
-      label: label(name),
+    const served = job.served || job.outcome.served;
+    // A job that serves zero-shot records one distribution: it is both bars.
+    const entries = [["zero_shot", counts.zero_shot], [served, counts[served] || counts.zero_shot]];
+    const datasets = entries.map(([name, values], i) => ({
+      label: i === 0 ? "zero-shot" : `served: ${name}`,
       classifier: name,
       data: values,
       backgroundColor: PALETTE[i % PALETTE.length],
     }));
-    if (datasets.length === 1) {
+    if (served === "zero_shot") {
       box.append(el("p", { className: "muted", text: "The job serves zero-shot, so both distributions are the same." }));
     }
     const holder = el("div", { className: "chart-wide" });
