@@ -150,6 +150,7 @@ def test_samples_list_the_recorded_images_per_class(client: TestClient, finished
     }
     # The keys stay on the server: the page names images by class and position only.
     assert "img-" not in answer.text
+    assert "samples" not in client.get(f"/adaptations/{finished}").json()["outcome"]
 
 
 def test_a_thumbnail_is_a_small_jpeg_of_the_recorded_image(

@@ -19,7 +19,6 @@
     { id: "confident", title: "Confident fraction", names: ["confident_fraction"] },
     { id: "entropy", title: "Mean-prediction entropy", names: ["mean_pred_entropy", "normalized_mean_pred_entropy"] },
     { id: "agreement", title: "Teacher-student agreement", names: ["agreement", "teacher_max_prob"] },
-    { id: "other", title: "Other", names: [] },
   ];
 
   Chart.defaults.animation = false;
@@ -299,7 +298,7 @@
 
   function renderHeader(job) {
     $("#job-status").replaceChildren(statusBadge(job.status));
-    $("#job-phase").textContent = job.phase || "–";
+    $("#job-phase").textContent = TERMINAL.has(job.status) ? `finished${job.phase ? ` (last: ${job.phase})` : ""}` : job.phase || "–";
     const p = job.progress;
     $("#job-progress").value = p.fraction || 0;
     const eta = p.eta_seconds && !TERMINAL.has(job.status) ? `, ETA ${Math.round(p.eta_seconds)} s` : "";
@@ -376,10 +375,15 @@
     return Chart.getChart(canvas);
   }
 
-  function groupOf(name) {
-    const group = CURVE_GROUPS.find((g) => g.names.includes(name));
-    return group ? group.id : "other";
+  // The named groups, then one chart per metric no group names (their scales differ).
+  function curveGroups(names) {
+    const named = CURVE_GROUPS.map((g) => ({ ...g, members: names.filter((n) => g.names.includes(n)) }));
+    const known = new Set(CURVE_GROUPS.flatMap((g) => g.names));
+    const others = names.filter((n) => !known.has(n)).sort().map((n) => ({ id: `other-${n.replace(/[^A-Za-z0-9_-]/g, "_")}`, title: n, members: [n] }));
+    return named.concat(others).filter((g) => g.members.length);
   }
+
+  const axisTicks = { callback: (value) => fmt(value, 3) };
 
   function renderCurves(data) {
     const box = $("#curves");
@@ -387,10 +391,8 @@
     $("#curves-note").textContent = data.rows
       ? `${data.rows} metric rows, up to ${data.max_points} points per series, last step ${data.last_step}`
       : "(no metrics yet: they appear once training starts)";
-    for (const group of CURVE_GROUPS) {
-      const members = names.filter((n) => groupOf(n) === group.id);
-      if (!members.length) continue;
-      const datasets = members.map((name, i) => ({
+    for (const group of curveGroups(names)) {
+      const datasets = group.members.map((name, i) => ({
         label: name,
         data: data.series[name].steps.map((step, j) => ({ x: step, y: data.series[name].values[j] })),
         borderColor: PALETTE[i % PALETTE.length],
@@ -412,7 +414,7 @@
             parsing: false,
             normalized: true,
             interaction: { mode: "nearest", intersect: false },
-            scales: { x: { type: "linear", title: { display: true, text: "step" } } },
+            scales: { x: { type: "linear", title: { display: true, text: "step" } }, y: { ticks: axisTicks } },
           },
         });
         continue;
@@ -633,6 +635,6 @@
   // ---- Start -------------------------------------------------------------------------------------
 
   // For tests and the curious: the renderers take a job as GET /adaptations/{id} returns it.
-  window.mustDashboard = { state, renderTimeline, renderEvaluation, renderOutcome, gainText };
+  window.mustDashboard = { state, stopPolling, renderTimeline, renderEvaluation, renderOutcome, gainText };
   route();
 })();
