@@ -15,6 +15,8 @@ from worker.dataset import StagedImages
 
 # Enough to judge a class at a glance; 200 classes of 6 keys stay well under 100 KB of JSON.
 SAMPLES_PER_CLASS = 6
+# The job row is read on every GET of the job: past ~1,200 keys (large label sets) fewer per class.
+MAX_SAMPLES = 1_200
 
 
 def class_samples(
@@ -29,13 +31,16 @@ def class_samples(
     zero_shot = run.seen[ZERO_SHOT].labels.tolist()
     key_of = dict(zip(staged.paths, staged.keys, strict=False))
     k = probs.shape[1]
+    per_class = max(1, min(per_class, MAX_SAMPLES // k))
+    total = 0
     keys: list[list[str]] = [[] for _ in range(k)]
     zs: list[list[int]] = [[] for _ in range(k)]
     conf: list[list[float]] = [[] for _ in range(k)]
     for i, (path, label, p) in enumerate(
         zip(run.guard_paths, labels.tolist(), confidence.tolist(), strict=True)
     ):
-        if len(keys[label]) < per_class and path in key_of:
+        if len(keys[label]) < per_class and path in key_of and total < MAX_SAMPLES:
+            total += 1
             keys[label].append(key_of[path])
             zs[label].append(zero_shot[i])
             conf[label].append(round(p, 4))
