@@ -143,7 +143,8 @@
       try {
         again = (await task(generation)) !== false;
       } catch (error) {
-        if (error.status === 401) return;
+        // 401: the login prompt is up; 404: the job is gone (or not this key's). Either way, stop.
+        if (error.status === 401 || error.status === 404) return;
         console.warn(error);
       }
       if (again && generation === state.generation) state.timers.push(setTimeout(tick, ms));
@@ -265,7 +266,14 @@
   }
 
   async function refreshJob(generation) {
-    const job = await getJson(`adaptations/${state.jobId}`);
+    let job;
+    try {
+      job = await getJson(`adaptations/${state.jobId}`);
+    } catch (error) {
+      if (error.status !== 404) throw error;
+      $("#job-error").textContent = error.message;  // no such job (for this key): stop asking
+      return false;
+    }
     if (generation !== state.generation) return false;
     state.job = job;
     renderHeader(job);
@@ -292,8 +300,10 @@
     if (generation !== state.generation) return false;
     state.series = data;
     renderCurves(data);
-    // Once the job is over and its last rows are in, the curves are final.
-    return !(state.job && TERMINAL.has(state.job.status) && data.last_step === state.job.progress.step);
+    // Once the job is over and its last rows are in (or it never trained), the curves are final.
+    const job = state.job;
+    const done = job && TERMINAL.has(job.status) && (data.last_step === null || data.last_step >= job.progress.step);
+    return !done;
   }
 
   function renderHeader(job) {
