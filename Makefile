@@ -26,7 +26,7 @@ test: setup
 	$(PY) -m pytest
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow and not e2e"
+	$(PY) -m pytest -m "not slow and not e2e and not browser"
 
 bench: setup
 	$(PY) -m bench.suite

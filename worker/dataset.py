@@ -7,7 +7,7 @@ import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from services.config import LimitsSettings, Settings
@@ -27,10 +27,12 @@ WINDOW = 4 * DOWNLOAD_THREADS
 
 @dataclass
 class StagedImages:
-    """The local copies of the usable images, in listing order, and what was skipped."""
+    """The local copies of the usable images, in listing order, their object keys, and what was skipped."""
 
     paths: list[Path]
     skipped: SkipReport
+    # keys[i] is the key of paths[i] in the dataset's store (the dashboard shows samples from it).
+    keys: list[str] = field(default_factory=list)
 
 
 def local_name(key: str) -> str:
@@ -97,6 +99,7 @@ def _stage(
             reason = fetched.result()
             if reason is None:
                 staged.paths.append(target)
+                staged.keys.append(key)
             else:
                 staged.skipped.add(reason, key)
             submit_next()

@@ -49,6 +49,7 @@ from services.storage.object_store import local_copy, open_store, publish
 from services.storage.retrying import RetryingStore, retry_storage
 from worker.dataset import StagedImages, stage_images
 from worker.progress import keep_lease, make_cancel_check, make_progress_reporter
+from worker.samples import class_samples
 from worker.store_care import prune_checkpoints, requeue_after_outage
 
 log = logging.getLogger(__name__)
@@ -308,6 +309,8 @@ def _run(ctx: JobContext, lost: threading.Event) -> None:
         "views": run.views.to_dict() if run.views else None,
         "threshold": run.threshold,
         "predictions": manifest.metrics.get("predictions"),
+        # Not part of the public Outcome: the dashboard's thumbnails are read by these keys.
+        "samples": class_samples(run, staged),
     }
     with ctx.session_factory() as session:
         repository.mark_succeeded(

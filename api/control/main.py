@@ -21,9 +21,10 @@ from api.common import health, metrics
 from api.common.auth import API_KEY, install_auth
 from api.common.errors import SECURED_ERRORS, error_responses, register_exception_handlers
 from api.common.limits import BodySizeLimit
+from api.control.dashboard import mount_dashboard
 from api.control.deps import StoreOpener
 from api.control.queue import CeleryJobQueue, JobQueue
-from api.control.routes import adaptations
+from api.control.routes import adaptations, samples
 from services.config import Settings, get_settings
 from services.db.migrate import upgrade
 from services.db.session import make_engine, make_session_factory
@@ -38,6 +39,8 @@ Self-Training (MUST), without labelling anything.
 2. Watch it with `GET /adaptations/{id}` (progress, ETA, label-free metrics) and
    `GET /adaptations/{id}/metrics` (history for plots).
 3. When it has `succeeded`, its `artifact.uri` is the adapted classifier the inference service serves.
+
+The same, in a browser: the dashboard at `/dashboard/` (it asks for your API key).
 """
 OPENAPI_TAGS = [
     {"name": "adaptations", "description": "Submit, list, inspect and cancel adaptation jobs."},
@@ -113,4 +116,6 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
     app.include_router(health.router)
     app.include_router(metrics.router, dependencies=[API_KEY], responses=error_responses(*SECURED_ERRORS))
     app.include_router(adaptations.router, dependencies=[API_KEY], responses=error_responses(*SECURED_ERRORS))
+    app.include_router(samples.router, dependencies=[API_KEY], responses=error_responses(*SECURED_ERRORS))
+    mount_dashboard(app)
     return app

@@ -225,6 +225,16 @@ def list_metrics(
     return list(session.scalars(stmt.order_by(JobMetric.step, JobMetric.id).limit(limit)))
 
 
+def metric_rows(
+    session: Session, job_id: str, *, limit: int, tenant: str | None = None
+) -> list[tuple[int, dict[str, Any]]]:
+    """The job's first `limit` metric rows as (step, values), in step order (only those two columns)."""
+    get_job(session, job_id, tenant=tenant)
+    stmt = select(JobMetric.step, JobMetric.values).where(JobMetric.job_id == job_id)
+    rows = session.execute(stmt.order_by(JobMetric.step, JobMetric.id).limit(limit))
+    return [(step, values) for step, values in rows]
+
+
 def _finished(now: datetime) -> dict[str, Any]:
     return {"finished_at": now, "lease_owner": None, "lease_expires_at": None}
 

@@ -514,6 +514,57 @@ class MetricsPage(BaseModel):
     items: list[MetricPoint]
 
 
+class SeriesPoints(BaseModel):
+    """One metric's (downsampled) points: `values[i]` was measured at `steps[i]`."""
+
+    steps: list[int]
+    values: list[float]
+
+
+class MetricSeries(BaseModel):
+    """A job's metric history as one series per metric, each at most `max_points` long."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "adaptation_id": "0b6f3c1e-5a52-4c3c-9d0e-2f4f3f2d9a10",
+                    "rows": 3,
+                    "max_points": 1000,
+                    "last_step": 150,
+                    "series": {"loss": {"steps": [50, 100, 150], "values": [2.41, 2.17, 1.98]}},
+                }
+            ]
+        }
+    )
+
+    adaptation_id: str
+    rows: int = Field(description="How many metric rows the series were made from")
+    max_points: int
+    last_step: int | None = Field(description="The step of the newest row, None before the first")
+    series: dict[str, SeriesPoints]
+
+
+class SampleClass(BaseModel):
+    """The sample images the served classifier put in one class (thumbnails: GET .../samples/{class}/{i})."""
+
+    index: int
+    name: str
+    images: int = Field(description="How many sample images this class has (thumbnail positions 0..images-1)")
+    zero_shot: list[int] = Field(description="The class zero-shot gave each of these images")
+    confidence: list[float] = Field(description="The served classifier's probability for its class")
+
+
+class SamplesPublic(BaseModel):
+    """A few of the job's unlabeled images per class the served classifier predicted."""
+
+    adaptation_id: str
+    classifier: str = Field(description="The classifier whose predictions these are (the served one)")
+    per_class: int
+    images: int = Field(description="How many images (the guard's sample) the examples were drawn from")
+    classes: list[SampleClass]
+
+
 class TrainJobMessage(BaseModel):
     """The queue payload: only the job id; the worker reads everything else from the database."""
 

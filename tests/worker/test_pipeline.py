@@ -22,6 +22,7 @@ from services.must.trainer import StepMetrics
 from tests.worker.conftest import NUM_IMAGES, create_job, tiny_request
 from worker.pipeline import run_training_job
 from worker.reconcile import requeue_stale_jobs
+from worker.samples import SAMPLES_PER_CLASS
 
 DATASET = "target/"
 
@@ -112,6 +113,17 @@ def test_job_trains_and_publishes_classifier(
     assert job.outcome["threshold"] == manifest["metrics"]["threshold"]
     assert job.outcome["predictions"] == manifest["metrics"]["predictions"]
     assert sum(job.outcome["predictions"]["class_counts"]["zero_shot"]) == NUM_IMAGES
+    # A few dataset keys per class the served classifier predicted, for the dashboard's thumbnails.
+    samples = job.outcome["samples"]
+    counts = job.outcome["predictions"]["class_counts"]
+    served_counts = counts.get(job.served, counts["zero_shot"])
+    assert samples["classifier"] == job.served
+    assert samples["images"] == NUM_IMAGES
+    assert [len(keys) for keys in samples["keys"]] == [min(n, SAMPLES_PER_CLASS) for n in served_counts]
+    listed = {f"{DATASET}img-{i:03d}.png" for i in range(NUM_IMAGES)}
+    assert {key for keys in samples["keys"] for key in keys} <= listed
+    assert [len(z) for z in samples["zero_shot"]] == [len(keys) for keys in samples["keys"]]
+    assert all(0 < p <= 1 for row in samples["confidence"] for p in row)
     assert job.artifact_uri == f"s3://{bucket}/artifacts/adaptations/{job_id}/classifier"
     assert job.checkpoint_uri == f"s3://{bucket}/artifacts/adaptations/{job_id}/checkpoints/latest.json"
     with session_factory() as session:

@@ -21,6 +21,7 @@ from api.control.queue import JobQueue
 from services.config import Settings
 from services.errors import InvalidRequest, JobNotFound
 from services.jobs import repository
+from services.jobs.series import MIN_POINTS, downsampled_series
 from services.jobs.states import JobStatus
 from services.locations import check_request_locations
 from services.schemas.jobs import (
@@ -30,12 +31,18 @@ from services.schemas.jobs import (
     AdaptationsPage,
     DatasetSpec,
     MetricPoint,
+    MetricSeries,
     MetricsPage,
+    SeriesPoints,
     TrainJobMessage,
 )
 from services.storage.uri import FileURI, parse_uri
 
 logger = logging.getLogger(__name__)
+
+# The most metric rows one series request reads: a week of rows every few seconds.
+MAX_SERIES_ROWS = 500_000
+MAX_SERIES_POINTS = 10_000
 
 router = APIRouter(prefix="/adaptations", tags=["adaptations"])
 
@@ -175,3 +182,28 @@ def list_adaptation_metrics(
         session, job_id, since_step=since_step, limit=limit, tenant=principal.scope
     )
     return MetricsPage(adaptation_id=job_id, items=[MetricPoint.from_metric(m) for m in metrics])
+
+
+@router.get(
+    "/{adaptation_id}/metrics/series", response_model=MetricSeries, responses=error_responses(404, 422)
+)
+def get_adaptation_metric_series(
+    adaptation_id: AdaptationId,
+    session: SessionDep,
+    principal: PrincipalDep,
+    max_points: Annotated[
+        int, Query(ge=MIN_POINTS, le=MAX_SERIES_POINTS, description="The most points per series")
+    ] = 1000,
+) -> MetricSeries:
+    """Get a job's whole metric history as one series per metric, each downsampled on the server to
+    at most `max_points` (first, last, and each step bucket's lowest and highest value), for plots."""
+    job_id = _job_id(adaptation_id)
+    rows = repository.metric_rows(session, job_id, limit=MAX_SERIES_ROWS, tenant=principal.scope)
+    series = downsampled_series(rows, max_points)
+    return MetricSeries(
+        adaptation_id=job_id,
+        rows=len(rows),
+        max_points=max_points,
+        last_step=rows[-1][0] if rows else None,
+        series={name: SeriesPoints(steps=s.steps, values=s.values) for name, s in series.items()},
+    )

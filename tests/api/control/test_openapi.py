@@ -9,7 +9,7 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from api.common import health, metrics
-from api.control.routes import adaptations
+from api.control.routes import adaptations, samples
 
 ENDPOINTS: dict[tuple[str, str], Callable[..., Any]] = {
     ("post", "/adaptations"): adaptations.create_adaptation,
@@ -17,6 +17,11 @@ ENDPOINTS: dict[tuple[str, str], Callable[..., Any]] = {
     ("get", "/adaptations/{adaptation_id}"): adaptations.get_adaptation,
     ("post", "/adaptations/{adaptation_id}/cancel"): adaptations.cancel_adaptation,
     ("get", "/adaptations/{adaptation_id}/metrics"): adaptations.list_adaptation_metrics,
+    ("get", "/adaptations/{adaptation_id}/metrics/series"): adaptations.get_adaptation_metric_series,
+    ("get", "/adaptations/{adaptation_id}/samples"): samples.get_adaptation_samples,
+    ("get", "/adaptations/{adaptation_id}/samples/{class_index}/{position}"): (
+        samples.get_adaptation_sample_thumbnail
+    ),
     ("get", "/healthz"): health.healthz,
     ("get", "/readyz"): health.readyz,
     ("get", "/metrics"): metrics.prometheus_metrics,
