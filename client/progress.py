@@ -58,6 +58,8 @@ def describe_job(job: AdaptationPublic) -> str:
         lines.append(("artifact", job.artifact.uri))
     if job.outcome:
         lines += _outcome_lines(job.outcome)
+    elif job.served:
+        lines.append(("serves", job.served))
     if job.phases:
         lines.append(("phases", phases_text(job)))
     if job.error:

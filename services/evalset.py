@@ -155,6 +155,8 @@ def list_eval_items(store: ObjectStore, key: str, uri: str, class_names: Sequenc
     EvalSetError when the set is unusable and the store's errors when it cannot be read.
     """
     if is_manifest(uri):
+        if not key:  # a file:// manifest that is not a file (open_store took it for a folder)
+            raise EvalSetError(f"the eval manifest {uri} does not exist")
         data = store.read_bytes(key, max_bytes=MAX_MANIFEST_BYTES)
         folder = str(PurePosixPath(key).parent) if "/" in key else ""
         items = parse_manifest(data, PurePosixPath(key).suffix, folder)

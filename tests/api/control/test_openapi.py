@@ -17,6 +17,7 @@ ENDPOINTS: dict[tuple[str, str], Callable[..., Any]] = {
     ("get", "/adaptations/{adaptation_id}"): adaptations.get_adaptation,
     ("post", "/adaptations/{adaptation_id}/cancel"): adaptations.cancel_adaptation,
     ("get", "/adaptations/{adaptation_id}/metrics"): adaptations.list_adaptation_metrics,
+    ("get", "/adaptations/{adaptation_id}/logs"): adaptations.list_adaptation_logs,
     ("get", "/healthz"): health.healthz,
     ("get", "/readyz"): health.readyz,
     ("get", "/metrics"): metrics.prometheus_metrics,
