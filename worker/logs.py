@@ -121,10 +121,19 @@ class JobLogBuffer(logging.Handler):
             self._taken += 1
             self._lines.append(line)
 
-    def drain(self) -> list[dict[str, Any]]:
-        """The lines collected since the last drain, oldest first."""
+    def drain(self, final: bool = False) -> list[dict[str, Any]]:
+        """The lines collected since the last drain, oldest first; the `final` drain adds a line
+        saying how many were left out past `max_lines`."""
         with self._guard:
             lines, self._lines = self._lines, []
+            if final and self.dropped:
+                note = (
+                    f"{self.dropped} more log lines of this attempt were not stored (limit {self.max_lines})"
+                )
+                lines.append(
+                    {"created_at": datetime.now(UTC), "level": "WARNING", "logger": __name__, "message": note}
+                )
+                self.dropped = 0
         return lines
 
 

@@ -90,11 +90,11 @@ class JobContext:
         log.info("job %s: %s", self.job_id, phase.value)
         self.store_logs()
 
-    def store_logs(self) -> None:
+    def store_logs(self, final: bool = False) -> None:
         """Write the job's log lines collected so far to the job database."""
         if self.logs is None:
             return
-        lines = self.logs.drain()
+        lines = self.logs.drain(final)
         if not lines:
             return
         try:
@@ -484,5 +484,5 @@ def run_training_job(
             # Checkpoints live in the artifacts store, so the local cache is only worth its disk space
             # until the job stops; a killed process never gets here and a resume reuses its downloads.
             shutil.rmtree(ctx.work_dir, ignore_errors=True)
-            ctx.store_logs()
+            ctx.store_logs(final=True)
     return False
