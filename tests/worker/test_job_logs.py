@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+
 from worker.logs import JobLogBuffer, collect_job_logs, set_current_job
 
 
-def test_own_lines_from_info_and_library_lines_from_warning() -> None:
-    logging.getLogger().setLevel(logging.INFO)
+def test_own_lines_from_info_and_library_lines_from_warning(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
     with collect_job_logs("job-1") as buffer:
         logging.getLogger("worker.pipeline").info("job %s: %s", "job-1", "training")
         logging.getLogger("services.must.adapt").debug("too fine")
