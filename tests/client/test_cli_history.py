@@ -60,8 +60,10 @@ def api(sqlite_url: str, tmp_path: Path) -> Iterator[tuple[TestClient, sessionma
 
 @pytest.fixture
 def must(api: tuple[TestClient, sessionmaker[Session]]) -> Iterator[MustClient]:
-    """The Python client, talking to the app through the test client's transport."""
-    with MustClient("http://testserver", "http://testserver", transport=api[0]._transport) as client:
+    """The Python client, talking to the app in process (the test client is an httpx.Client)."""
+    with MustClient("http://testserver", "http://testserver") as client:
+        client.control.http.close()
+        client.control.http = api[0]
         yield client
 
 
