@@ -3,6 +3,8 @@
     must upload photos/ s3://must-datasets/parts/
     must adapt s3://must-datasets/parts/ --classes bolt,nut,washer --wait
     must predict 0b6f3c1e-... photo.jpg s3://must-datasets/parts/img-001.png
+    must metrics 0b6f3c1e-...      # eval-set scores and metric history
+    must logs 0b6f3c1e-...         # the worker's lines for the job
 
 The services' addresses and the API key come from options or the environment:
 MUST_API_URL (default http://127.0.0.1:8000), MUST_INFERENCE_URL (default
@@ -28,7 +30,7 @@ from client.http import (
     ServiceUnreachable,
     Unauthorized,
 )
-from client.progress import JobProgressBar, describe_job, job_row
+from client.progress import JobProgressBar, describe_job, evaluation_table, job_row, metrics_table
 from client.upload import plan_upload, upload
 from services.jobs.states import JobStatus
 
@@ -85,7 +87,16 @@ def _add_adapt(commands: Any) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--hparams", type=_json_object, help="other hyperparameters as a JSON object")
     p.add_argument("--max-images", type=int, help="use at most this many images")
-    p.add_argument("--eval", dest="eval_uri", help="labelled folder-per-class set, only to report accuracy")
+    p.add_argument(
+        "--eval",
+        dest="eval_uri",
+        help="labelled set (folder per class, or a .csv/.jsonl manifest of key,label); only reported",
+    )
+    p.add_argument(
+        "--descriptions",
+        type=_json_object,
+        help='prompt text per class as a JSON object, e.g. \'{"bolt": "a threaded metal fastener"}\'',
+    )
     p.add_argument(
         "--wait", action="store_true", help="show progress until the job ends; non-zero exit if it fails"
     )
@@ -120,6 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_list)
+
+    p = commands.add_parser("metrics", help="a job's eval-set scores and metric history")
+    p.add_argument("id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_metrics)
+
+    p = commands.add_parser("logs", help="the worker's log lines for a job")
+    p.add_argument("id")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(run=cmd_logs)
 
     p = commands.add_parser("cancel", help="cancel a job")
     p.add_argument("id")
@@ -175,6 +196,7 @@ def cmd_adapt(must: MustClient, args: argparse.Namespace) -> int:
         hparams=_hparams(args),
         max_images=args.max_images,
         eval_uri=args.eval_uri,
+        class_descriptions=args.descriptions,
     )
     if args.wait:
         print(f"submitted adaptation {job.id}", file=sys.stderr)
@@ -211,6 +233,33 @@ def cmd_list(must: MustClient, args: argparse.Namespace) -> int:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     if page.total > len(page.items):
         print(f"({len(page.items)} of {page.total}; --limit shows more)", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_metrics(must: MustClient, args: argparse.Namespace) -> int:
+    """The eval-set table (when the job has one) and the metric history table."""
+    job = must.get(args.id)
+    page = must.metrics(job.id, limit=10_000)
+    if args.json:
+        evaluation = job.evaluation.model_dump(mode="json") if job.evaluation else None
+        items = [item.model_dump(mode="json") for item in page.items]
+        print(json.dumps({"adaptation_id": job.id, "evaluation": evaluation, "items": items}, indent=2))
+        return EXIT_OK
+    if job.evaluation:
+        print(evaluation_table(job.evaluation) + "\n")
+    elif job.request.get("eval"):
+        print(f"eval set: no scores yet (the job is {job.status.value})\n")
+    print(metrics_table(page))
+    return EXIT_OK
+
+
+def cmd_logs(must: MustClient, args: argparse.Namespace) -> int:
+    """The worker's lines for the job, oldest first."""
+    for line in must.logs(args.id):
+        if args.json:
+            print(line.model_dump_json())
+        else:
+            print(f"{line.time:%Y-%m-%d %H:%M:%S} {line.level:<7} {line.logger}: {line.message}")
     return EXIT_OK
 
 

@@ -24,7 +24,14 @@ from typing import Any, Self
 import httpx
 
 from services.jobs.states import TERMINAL_STATUSES
-from services.schemas.jobs import AdaptationPublic, AdaptationsPage, MetricsPage
+from services.schemas.jobs import (
+    AdaptationPublic,
+    AdaptationsPage,
+    EvaluationReport,
+    LogLine,
+    LogsPage,
+    MetricsPage,
+)
 
 DEFAULT_API_URL = "http://127.0.0.1:8000"
 DEFAULT_INFERENCE_URL = "http://127.0.0.1:8001"
@@ -177,13 +184,19 @@ class MustClient:
         hparams: dict[str, Any] | None = None,
         max_images: int | None = None,
         eval_uri: str | None = None,
+        class_descriptions: dict[str, str] | None = None,
         idempotency_key: str | None = None,
     ) -> AdaptationPublic:
         """Submit an adaptation of `model` (the service's default if None) to the images at `dataset_uri`."""
         dataset: dict[str, Any] = {"uri": dataset_uri}
         if max_images is not None:
             dataset["max_images"] = max_images
-        optional = {"model": model, "templates": templates, "hparams": hparams}
+        optional = {
+            "model": model,
+            "templates": templates,
+            "hparams": hparams,
+            "class_descriptions": class_descriptions,
+        }
         request: dict[str, Any] = {"class_names": list(class_names), "dataset": dataset}
         request |= {key: value for key, value in optional.items() if value is not None}
         if eval_uri is not None:
@@ -210,10 +223,31 @@ class MustClient:
         response = self.control.request("POST", f"/adaptations/{adaptation_id}/cancel")
         return AdaptationPublic.model_validate(response.json())
 
-    def metrics(self, adaptation_id: str) -> MetricsPage:
+    def metrics(self, adaptation_id: str, *, since_step: int = 0, limit: int = 1000) -> MetricsPage:
         """GET /adaptations/{id}/metrics: the job's metric history."""
-        response = self.control.request("GET", f"/adaptations/{adaptation_id}/metrics")
+        params = {"since_step": since_step, "limit": limit}
+        response = self.control.request("GET", f"/adaptations/{adaptation_id}/metrics", params=params)
         return MetricsPage.model_validate(response.json())
+
+    def evaluation(self, adaptation_id: str) -> EvaluationReport | None:
+        """The job's scores on its labelled eval set (None: no eval set, or the job has not succeeded)."""
+        return self.get(adaptation_id).evaluation
+
+    def logs_page(self, adaptation_id: str, *, after: int = 0, limit: int = 1000) -> LogsPage:
+        """GET /adaptations/{id}/logs: one page of the worker's lines for the job."""
+        params = {"after": after, "limit": limit}
+        response = self.control.request("GET", f"/adaptations/{adaptation_id}/logs", params=params)
+        return LogsPage.model_validate(response.json())
+
+    def logs(self, adaptation_id: str, *, after: int = 0) -> list[LogLine]:
+        """Every worker log line of the job after line id `after`, oldest first (all pages)."""
+        lines: list[LogLine] = []
+        while True:
+            page = self.logs_page(adaptation_id, after=after)
+            lines += page.items
+            if not page.items:
+                return lines
+            after = page.items[-1].id
 
     def wait(
         self,

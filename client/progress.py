@@ -8,7 +8,7 @@ from typing import Any, Self
 
 from tqdm import tqdm
 
-from services.schemas.jobs import AdaptationPublic, Outcome
+from services.schemas.jobs import AdaptationPublic, EvaluationReport, MetricsPage, Outcome
 
 # The label-free metric the bar shows: the share of images whose pseudo-label clears the threshold.
 CONFIDENT = "confident_fraction"
@@ -58,9 +58,77 @@ def describe_job(job: AdaptationPublic) -> str:
         lines.append(("artifact", job.artifact.uri))
     if job.outcome:
         lines += _outcome_lines(job.outcome)
+    elif job.served:
+        lines.append(("serves", job.served))
+    if job.phases:
+        lines.append(("phases", phases_text(job)))
     if job.error:
         lines.append(("error", f"{job.error.type}: {job.error.message}"))
-    return "\n".join(f"{name:<9} {value}" for name, value in lines)
+    text = "\n".join(f"{name:<9} {value}" for name, value in lines)
+    if job.evaluation:
+        text += "\n\n" + evaluation_table(job.evaluation)
+    return text
+
+
+def phases_text(job: AdaptationPublic) -> str:
+    """`queued 0:00:02, listing 0:00:00, ..., training 0:03:10 (now)`: each phase and how long it took."""
+    parts = []
+    for span in job.phases:
+        if span.ended_at is None:
+            parts.append(f"{span.phase.value} (now, since {span.started_at:%H:%M:%S})")
+        elif span.phase == "done":
+            parts.append("done")
+        else:
+            parts.append(
+                f"{span.phase.value} {format_seconds((span.ended_at - span.started_at).total_seconds())}"
+            )
+    return ", ".join(parts)
+
+
+# Above this many classes the eval table shows the mean and worst recall instead of one column each.
+MAX_RECALL_COLUMNS = 8
+
+
+def table(rows: list[list[str]]) -> str:
+    """Left-aligned columns two spaces apart."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
+def evaluation_table(report: EvaluationReport) -> str:
+    """The eval-set scores: one row per candidate, top-1 (%) and recall per class (or mean and worst)."""
+    names = report.class_names
+    per_class = len(names) <= MAX_RECALL_COLUMNS
+    header = ["CANDIDATE", "TOP-1 %"] + (names if per_class else ["MEAN RECALL", "WORST CLASS"])
+    rows = [header]
+    for name, score in report.candidates.items():
+        label = f"served ({report.served})" if name == "served" else name
+        recall = score.per_class_recall
+        if per_class:
+            cells = [f"{recall[c]:.2f}" if c in recall else "-" for c in names]
+        else:
+            worst = min(recall, key=lambda c: recall[c]) if recall else None
+            mean = sum(recall.values()) / len(recall) if recall else float("nan")
+            cells = [f"{mean:.2f}", f"{worst} {recall[worst]:.2f}" if worst else "-"]
+        rows.append([label, f"{score.top1:.1f}", *cells])
+    title = f"eval set: {report.images} labelled images (only reported; it never chooses what is served)"
+    return title + "\n" + table(rows)
+
+
+def metrics_table(page: MetricsPage, max_columns: int = 8) -> str:
+    """The metric history as a table: step, then the last row's scalar metrics (up to `max_columns`)."""
+    if not page.items:
+        return "no metrics yet"
+    last = page.items[-1].values
+    keys = sorted(k for k, v in last.items() if isinstance(v, int | float) and not isinstance(v, bool))
+    keys = keys[:max_columns]
+    rows = [["STEP", *[k.upper() for k in keys]]]
+    for point in page.items:
+        values = [point.values.get(k) for k in keys]
+        rows.append([str(point.step), *[f"{v:.4g}" if isinstance(v, int | float) else "-" for v in values]])
+    return table(rows)
 
 
 def _outcome_lines(outcome: Outcome) -> list[tuple[str, str]]:

@@ -36,6 +36,10 @@ class InvalidRequest(DomainError):
     """The caller sent something the core cannot accept (bad URI, bad key, reused idempotency key)."""
 
 
+class EvalSetError(InvalidRequest):
+    """The labelled eval set cannot be used: unknown labels, a bad manifest, missing objects, no images."""
+
+
 class StorageError(DomainError):
     """The object store failed or refused an operation."""
 

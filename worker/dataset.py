@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from services.config import LimitsSettings, Settings
-from services.errors import ObjectNotFound, ObjectTooLarge, StorageError, StorageUnavailable
+from services.errors import EvalSetError, ObjectNotFound, ObjectTooLarge, StorageError, StorageUnavailable
+from services.evalset import EvalItem, list_eval_items
 from services.must.data import IMAGE_EXTENSIONS, ImageLoadError, SkipReport, decode_image
 from services.must.errors import DatasetError
 from services.storage.base import ObjectStore
@@ -66,23 +67,34 @@ def _fetch(store: ObjectStore, key: str, target: Path, limits: LimitsSettings) -
     return None
 
 
-def _image_keys(store: ObjectStore, prefix: str, skipped: SkipReport) -> Iterator[str]:
-    """Stream the keys under `prefix` with an image extension, counting the others."""
+def _image_keys(
+    store: ObjectStore, prefix: str, skipped: SkipReport, on_first: Callable[[], None] | None = None
+) -> Iterator[str]:
+    """Stream the keys under `prefix` with an image extension, counting the others; `on_first` is
+    called when the first image key is listed (the job's listing phase ends, staging starts)."""
     for info in store.iter_keys(prefix):
         if info.key.endswith("/"):
             continue
         if PurePosixPath(info.key).suffix.lower() in IMAGE_EXTENSIONS:
+            if on_first is not None:
+                on_first()
+                on_first = None
             yield info.key
         else:
             skipped.add("not_an_image_extension", info.key)
 
 
 def _stage(
-    store: ObjectStore, prefix: str, out_dir: Path, settings: Settings, max_images: int | None
+    store: ObjectStore,
+    prefix: str,
+    out_dir: Path,
+    settings: Settings,
+    max_images: int | None,
+    on_first: Callable[[], None] | None = None,
 ) -> StagedImages:
     """Fetch up to WINDOW objects at once while the listing streams; results are kept in listing order."""
     staged = StagedImages([], SkipReport())
-    keys = _image_keys(store, prefix, staged.skipped)
+    keys = _image_keys(store, prefix, staged.skipped, on_first)
     pending: deque[tuple[str, Path, Future[str | None]]] = deque()
     with ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="stage") as pool:
 
@@ -109,14 +121,19 @@ def _stage(
 
 
 def stage_images(
-    uri: str, out_dir: Path, settings: Settings, *, max_images: int | None = None
+    uri: str,
+    out_dir: Path,
+    settings: Settings,
+    *,
+    max_images: int | None = None,
+    on_first_image: Callable[[], None] | None = None,
 ) -> StagedImages:
     """Download the usable images under `uri` into `out_dir`; DatasetError if none are usable."""
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         store, prefix = open_store(uri, settings)
         retrying = RetryingStore(store, settings.worker.storage_retry_seconds)
-        staged = _stage(retrying, _folder_prefix(prefix), out_dir, settings, max_images)
+        staged = _stage(retrying, _folder_prefix(prefix), out_dir, settings, max_images, on_first_image)
     except StorageUnavailable:
         raise  # still unreachable after the retries: not the dataset's fault, the job is requeued
     except StorageError as exc:
@@ -125,3 +142,53 @@ def stage_images(
         detail = f"; skipped {staged.skipped.total}: {staged.skipped.counts}" if staged.skipped.total else ""
         raise DatasetError(f"no usable images found under {uri}{detail}")
     return staged
+
+
+@dataclass
+class LabelledImages:
+    """The local copies of the eval set's images and their class indices, in the set's order."""
+
+    paths: list[Path]
+    labels: list[int]
+
+
+_EVAL_PROBLEMS = {"missing": "missing", "too_large": "larger than the read limit"}
+
+
+def _fetch_all(
+    store: ObjectStore, items: Sequence[EvalItem], out_dir: Path, settings: Settings
+) -> list[Path]:
+    """Download every item; EvalSetError naming the first ones that are missing or not images."""
+    targets = [out_dir / local_name(item.key) for item in items]
+    with ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="stage-eval") as pool:
+        keys = [item.key for item in items]
+        reasons = list(
+            pool.map(lambda key, target: _fetch(store, key, target, settings.limits), keys, targets)
+        )
+    bad = [(item.key, reason) for item, reason in zip(items, reasons, strict=True) if reason is not None]
+    if bad:
+        shown = ", ".join(f"{key!r} ({_EVAL_PROBLEMS.get(reason, reason)})" for key, reason in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise EvalSetError(f"{len(bad)} image(s) of the eval set cannot be used: {shown}{more}")
+    return targets
+
+
+def stage_eval_set(uri: str, out_dir: Path, settings: Settings, class_names: Sequence[str]) -> LabelledImages:
+    """Download the labelled eval set at `uri`; DatasetError for unknown labels, missing or broken
+    images and an empty set (never a silent skip: the scores would not be the ones asked for)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index = {name: i for i, name in enumerate(class_names)}
+    try:
+        store, key = open_store(uri, settings)
+        retrying = RetryingStore(store, settings.worker.storage_retry_seconds)
+        items = list_eval_items(retrying, key, uri, class_names)
+        paths = _fetch_all(retrying, items, out_dir, settings)
+    except StorageUnavailable:
+        raise
+    except EvalSetError as exc:
+        raise DatasetError(f"eval set: {exc.message}") from exc
+    except ObjectNotFound as exc:
+        raise DatasetError(f"eval set: the manifest {uri} does not exist") from exc
+    except StorageError as exc:
+        raise DatasetError(f"cannot read the eval set at {uri}: {exc}") from exc
+    return LabelledImages(paths, [index[item.label] for item in items])

@@ -47,7 +47,8 @@ from services.storage import keys
 from services.storage.base import ObjectStore
 from services.storage.object_store import local_copy, open_store, publish
 from services.storage.retrying import RetryingStore, retry_storage
-from worker.dataset import StagedImages, stage_images
+from worker.dataset import LabelledImages, StagedImages, stage_eval_set, stage_images
+from worker.logs import JobLogBuffer, collect_job_logs
 from worker.progress import keep_lease, make_cancel_check, make_progress_reporter
 from worker.samples import class_samples
 from worker.store_care import prune_checkpoints, requeue_after_outage
@@ -77,16 +78,31 @@ class JobContext:
     store: ObjectStore
     store_prefix: str
     device: torch.device
+    logs: JobLogBuffer | None = None
 
     def key(self, key: str) -> str:
         """`key` inside the artifacts store (which may itself sit under a prefix)."""
         return keys.join_key(self.store_prefix, key)
 
     def set_phase(self, phase: JobPhase) -> None:
-        """Record what the job is doing now."""
+        """Record what the job is doing now (and store the log lines of the phase before)."""
         with self.session_factory() as session:
             repository.set_phase(session, self.job_id, phase=phase, owner=self.owner)
         log.info("job %s: %s", self.job_id, phase.value)
+        self.store_logs()
+
+    def store_logs(self, final: bool = False) -> None:
+        """Write the job's log lines collected so far to the job database."""
+        if self.logs is None:
+            return
+        lines = self.logs.drain(final)
+        if not lines:
+            return
+        try:
+            with self.session_factory() as session:
+                repository.append_log_lines(session, self.job_id, lines)
+        except Exception as exc:  # the job's own work matters more than its log lines
+            log.warning("job %s: could not store %d log lines: %s", self.job_id, len(lines), exc)
 
 
 def _acquire(job_id: str, session_factory: sessionmaker[Session], settings: Settings, owner: str) -> bool:
@@ -139,7 +155,11 @@ def _stage_dataset(ctx: JobContext, request: AdaptationCreate) -> StagedImages:
     """List and download the images, and record how many were used and skipped."""
     ctx.set_phase(JobPhase.LISTING)
     staged = stage_images(
-        request.dataset.uri, ctx.work_dir / "images", ctx.settings, max_images=request.dataset.max_images
+        request.dataset.uri,
+        ctx.work_dir / "images",
+        ctx.settings,
+        max_images=request.dataset.max_images,
+        on_first_image=lambda: ctx.set_phase(JobPhase.STAGING),
     )
     with ctx.session_factory() as session:
         repository.update_progress(
@@ -151,6 +171,15 @@ def _stage_dataset(ctx: JobContext, request: AdaptationCreate) -> StagedImages:
             skipped_reasons=dict(staged.skipped.counts),
         )
     return staged
+
+
+def _stage_eval_set(ctx: JobContext, request: AdaptationCreate) -> LabelledImages | None:
+    """Download the labelled eval set before training, so a bad one fails the job in minutes."""
+    if request.eval is None:
+        return None
+    eval_set = stage_eval_set(request.eval.uri, ctx.work_dir / "eval", ctx.settings, request.class_names)
+    log.info("job %s: eval set of %d labelled images staged", ctx.job_id, len(eval_set.paths))
+    return eval_set
 
 
 def _start(ctx: JobContext, request: AdaptationCreate, staged: StagedImages) -> Adaptation:
@@ -179,6 +208,7 @@ def _start(ctx: JobContext, request: AdaptationCreate, staged: StagedImages) -> 
         config=MustConfig.from_dict(hparams),
         device=ctx.device,
         checkpoint_dir=checkpoint_dir,
+        descriptions=request.class_descriptions,
     )
 
 
@@ -247,6 +277,7 @@ def _publish_checkpoint(ctx: JobContext, files: CheckpointFiles, lost: threading
         latest = ctx.store.uri(ctx.key(keys.latest_checkpoint_key(ctx.job_id)))
         repository.update_progress(session, ctx.job_id, owner=ctx.owner, checkpoint_uri=latest)
     prune_checkpoints(ctx.store, ctx.store_prefix, ctx.job_id, ctx.settings.worker.keep_checkpoints)
+    ctx.store_logs()
 
 
 def _train(ctx: JobContext, run: Adaptation, lost: threading.Event) -> FitResult:
@@ -293,13 +324,35 @@ def _publish_classifier(ctx: JobContext, out_dir: Path) -> None:
     publish(ctx.store, [weights, (ctx.key(keys.classifier_manifest_key(ctx.job_id)), out_dir / MANIFEST)])
 
 
+def _evaluate(
+    ctx: JobContext, run: Adaptation, manifest: Manifest, eval_set: LabelledImages | None
+) -> dict[str, Any] | None:
+    """Score the candidates on the labelled set and add the scores to the published manifest.
+
+    After the export: the labels cannot change what is served. The manifest is written again
+    (same weights and sha256), so it carries the scores as the job does.
+    """
+    if eval_set is None:
+        return None
+    ctx.set_phase(JobPhase.EVALUATING)
+    report = run.evaluate(eval_set.paths, eval_set.labels)
+    manifest.metrics["evaluation"] = report
+    body = json.dumps(manifest.__dict__, indent=1, sort_keys=True).encode()
+    ctx.store.write_bytes(ctx.key(keys.classifier_manifest_key(ctx.job_id)), body)
+    top1 = ", ".join(f"{name} {score['top1']:.1f}%" for name, score in report["candidates"].items())
+    log.info("job %s: eval set top-1: %s", ctx.job_id, top1)
+    return report
+
+
 def _run(ctx: JobContext, lost: threading.Event) -> None:
     """Every phase of the job, ending with the job marked succeeded."""
     request = _read_request(ctx)
     staged = _stage_dataset(ctx, request)
+    eval_set = _stage_eval_set(ctx, request)
     run = _start(ctx, request, staged)
     result = _train(ctx, run, lost)
     manifest = _export(ctx, request, run, result, staged)
+    evaluation = _evaluate(ctx, run, manifest, eval_set)
     _publish_metrics(ctx)
     # The folder holding weights and manifest (no trailing `/`: local stores refuse empty key parts).
     artifact = ctx.store.uri(ctx.key(keys.adaptation_prefix(ctx.job_id) + "classifier"))
@@ -321,6 +374,7 @@ def _run(ctx: JobContext, lost: threading.Event) -> None:
             owner=ctx.owner,
             served=manifest.network,
             outcome=outcome,
+            evaluation=evaluation,
         )
     log.info("job %s succeeded: serves %s (%s)", ctx.job_id, manifest.network, outcome.get("reason", ""))
 
@@ -417,7 +471,7 @@ def run_training_job(
         heartbeat_seconds=worker.heartbeat_seconds,
         lease_seconds=worker.lease_seconds,
     )
-    with lease as lost:
+    with collect_job_logs(job_id) as ctx.logs, lease as lost:
         try:
             _run(ctx, lost)
         except Cancelled:
@@ -433,4 +487,5 @@ def run_training_job(
             # Checkpoints live in the artifacts store, so the local cache is only worth its disk space
             # until the job stops; a killed process never gets here and a resume reuses its downloads.
             shutil.rmtree(ctx.work_dir, ignore_errors=True)
+            ctx.store_logs(final=True)
     return False

@@ -23,6 +23,7 @@ from services.errors import (
     ArtifactMissing,
     BucketNotFound,
     DomainError,
+    EvalSetError,
     InvalidJobTransition,
     InvalidRequest,
     JobNotFound,
@@ -48,6 +49,8 @@ STATUS_BY_ERROR: dict[type[DomainError], HTTPStatus] = {
     ObjectTooLarge: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
     RequestTooLarge: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
     InvalidRequest: HTTPStatus.UNPROCESSABLE_ENTITY,
+    # Unknown labels, an empty set, a missing manifest: the request must name another eval set.
+    EvalSetError: HTTPStatus.UNPROCESSABLE_ENTITY,
     # A bucket named in a request (a dataset, a checkpoint) that does not exist is the caller's to fix.
     BucketNotFound: HTTPStatus.UNPROCESSABLE_ENTITY,
     StorageError: HTTPStatus.SERVICE_UNAVAILABLE,

@@ -1,4 +1,4 @@
-"""ORM models of the job database: adaptation jobs, their metric history, and API keys."""
+"""ORM models of the job database: adaptation jobs, their metric, phase and log history, and API keys."""
 
 from __future__ import annotations
 
@@ -74,6 +74,8 @@ class Job(Base):
     # "teacher@<step>"), and the report it chose on (reason, candidates, views, threshold).
     served: Mapped[str | None] = mapped_column(String(64))
     outcome: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Scores on the labelled eval set, when the request named one (EvaluationReport's fields).
+    evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     error_type: Mapped[str | None] = mapped_column(String(255))
     error_message: Mapped[str | None] = mapped_column(Text)
@@ -90,6 +92,14 @@ class Job(Base):
     metrics: Mapped[list[JobMetric]] = relationship(
         back_populates="job", cascade="all, delete-orphan", passive_deletes=True, lazy="raise"
     )
+    # Loaded with the job (one extra query per page of jobs), as every public view shows them.
+    phases: Mapped[list[JobPhaseSpan]] = relationship(
+        back_populates="job",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+        lazy="selectin",
+        order_by="JobPhaseSpan.id",
+    )
 
 
 class JobMetric(Base):
@@ -105,6 +115,35 @@ class JobMetric(Base):
     values: Mapped[dict[str, Any]] = mapped_column(JSON)
 
     job: Mapped[Job] = relationship(back_populates="metrics", lazy="raise")
+
+
+class JobPhaseSpan(Base):
+    """One phase a job went through, from when it started to when the next one did (None: still in it)."""
+
+    __tablename__ = "job_phases"
+    __table_args__ = (Index("ix_job_phases_job_id_started_at", "job_id", "started_at"),)
+
+    id: Mapped[int] = mapped_column(_BIG_ID, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"))
+    phase: Mapped[JobPhase] = mapped_column(_PHASE)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    job: Mapped[Job] = relationship(back_populates="phases", lazy="raise")
+
+
+class JobLogLine(Base):
+    """One line the worker logged while running a job, for `GET /adaptations/{id}/logs`."""
+
+    __tablename__ = "job_logs"
+    __table_args__ = (Index("ix_job_logs_job_id_id", "job_id", "id"),)
+
+    id: Mapped[int] = mapped_column(_BIG_ID, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    level: Mapped[str] = mapped_column(String(16))
+    logger: Mapped[str] = mapped_column(String(255))
+    message: Mapped[str] = mapped_column(Text)
 
 
 class ApiKey(Base):

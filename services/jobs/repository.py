@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.config import DEFAULT_TENANT
-from services.db.models import Job, JobMetric
+from services.db.models import Job, JobLogLine, JobMetric, JobPhaseSpan
 from services.db.types import UTCDateTime, utcnow
 from services.errors import InvalidRequest, JobNotFound
 from services.jobs.states import JobPhase, JobStatus, check_transition, sources_of
@@ -39,7 +39,16 @@ def create_job(
         if existing is not None:
             return _same_request(existing, request)
     num_classes = len(request.get("class_names", []))
-    job = Job(request=request, idempotency_key=idempotency_key, num_classes=num_classes, tenant=tenant)
+    now = utcnow()
+    job = Job(
+        request=request,
+        idempotency_key=idempotency_key,
+        num_classes=num_classes,
+        tenant=tenant,
+        created_at=now,
+        phase=JobPhase.QUEUED,
+        phases=[JobPhaseSpan(phase=JobPhase.QUEUED, started_at=now)],
+    )
     session.add(job)
     try:
         session.commit()
@@ -195,8 +204,52 @@ def update_progress(
 
 
 def set_phase(session: Session, job_id: str, *, phase: JobPhase, owner: str | None = None) -> bool:
-    """Record what the running job is doing now."""
-    return _update_running(session, job_id, {"phase": phase}, owner)
+    """Record what the running job is doing now, ending its previous phase in the history."""
+    now = utcnow()
+    if not _update_running(session, job_id, {"phase": phase}, owner):
+        return False
+    _enter_phase(session, job_id, phase, now)
+    return True
+
+
+def _enter_phase(session: Session, job_id: str, phase: JobPhase | None, now: datetime) -> None:
+    """End the job's open phase span at `now` and open one for `phase` (None: just end it).
+
+    DONE is an instant: its span ends when it starts.
+    """
+    open_span = (JobPhaseSpan.job_id == job_id, JobPhaseSpan.ended_at.is_(None))
+    session.execute(update(JobPhaseSpan).where(*open_span).values(ended_at=now))
+    if phase is not None:
+        ended = now if phase == JobPhase.DONE else None
+        session.add(JobPhaseSpan(job_id=job_id, phase=phase, started_at=now, ended_at=ended))
+    session.commit()
+
+
+def list_phases(session: Session, job_id: str) -> list[JobPhaseSpan]:
+    """The job's phase history, oldest first."""
+    stmt = select(JobPhaseSpan).where(JobPhaseSpan.job_id == job_id).order_by(JobPhaseSpan.id)
+    return list(session.scalars(stmt))
+
+
+def append_log_lines(session: Session, job_id: str, lines: list[dict[str, Any]]) -> None:
+    """Store worker log lines of the job: dicts with created_at, level, logger and message."""
+    session.add_all(JobLogLine(job_id=job_id, **line) for line in lines)
+    session.commit()
+
+
+def list_log_lines(
+    session: Session, job_id: str, *, after: int = 0, limit: int = 1000, tenant: str | None = None
+) -> list[JobLogLine]:
+    """The job's log lines with an id above `after`, oldest first."""
+    get_job(session, job_id, tenant=tenant)
+    stmt = select(JobLogLine).where(JobLogLine.job_id == job_id, JobLogLine.id > after)
+    return list(session.scalars(stmt.order_by(JobLogLine.id).limit(limit)))
+
+
+def count_log_lines(session: Session, job_id: str) -> int:
+    """How many log lines the job has stored."""
+    stmt = select(func.count()).select_from(JobLogLine).where(JobLogLine.job_id == job_id)
+    return session.scalar(stmt) or 0
 
 
 def set_celery_task_id(session: Session, job_id: str, *, task_id: str, now: datetime | None = None) -> None:
@@ -248,16 +301,37 @@ def mark_succeeded(
     owner: str | None = None,
     served: str | None = None,
     outcome: dict[str, Any] | None = None,
+    evaluation: dict[str, Any] | None = None,
 ) -> bool:
-    """Finish the job with its published artifact and what it serves; False if `owner` lost it."""
+    """Finish the job with its published artifact, what it serves and its eval-set scores;
+    False if `owner` lost it."""
+    now = utcnow()
     values = {
-        **_finished(utcnow()),
+        **_finished(now),
+        "phase": JobPhase.DONE,
         "artifact_uri": artifact_uri,
         "artifact_sha256": artifact_sha256,
         "served": served,
         "outcome": outcome,
+        "evaluation": evaluation,
     }
-    return _transition(session, job_id, JobStatus.SUCCEEDED, values, guard=_owned_by(owner))
+    return _finish(session, job_id, JobStatus.SUCCEEDED, values, owner, JobPhase.DONE)
+
+
+def _finish(
+    session: Session,
+    job_id: str,
+    new: JobStatus,
+    values: dict[str, Any],
+    owner: str | None,
+    phase: JobPhase | None = None,
+    sources: frozenset[JobStatus] | None = None,
+) -> bool:
+    """A transition that also ends the job's open phase span (and opens `phase`'s) when it wins."""
+    if not _transition(session, job_id, new, values, guard=_owned_by(owner), sources=sources):
+        return False
+    _enter_phase(session, job_id, phase, values.get("finished_at") or utcnow())
+    return True
 
 
 def mark_failed(
@@ -276,19 +350,19 @@ def mark_failed(
         "error_message": message[:MAX_ERROR_MESSAGE_CHARS],
         "error_traceback": traceback[-MAX_TRACEBACK_CHARS:] if traceback else None,
     }
-    return _transition(session, job_id, JobStatus.FAILED, values, guard=_owned_by(owner))
+    return _finish(session, job_id, JobStatus.FAILED, values, owner)
 
 
 def mark_cancelled(session: Session, job_id: str, *, owner: str | None = None) -> bool:
     """Finish the job as cancelled (the worker noticed `cancel_requested`, or it never started)."""
-    return _transition(session, job_id, JobStatus.CANCELLED, _finished(utcnow()), guard=_owned_by(owner))
+    return _finish(session, job_id, JobStatus.CANCELLED, _finished(utcnow()), owner)
 
 
 def request_cancel(session: Session, job_id: str, *, tenant: str | None = None) -> Job:
     """Cancel a queued job at once; ask a running one to stop. Repeating it is harmless."""
     get_job(session, job_id, tenant=tenant)
     queued_only = frozenset({JobStatus.QUEUED})
-    if _transition(session, job_id, JobStatus.CANCELLED, _finished(utcnow()), sources=queued_only):
+    if _finish(session, job_id, JobStatus.CANCELLED, _finished(utcnow()), None, sources=queued_only):
         return get_job(session, job_id)
     flagged = _update_running(session, job_id, {"cancel_requested": True}, owner=None)
     job = get_job(session, job_id)
@@ -316,10 +390,14 @@ def requeue_running(session: Session, job_id: str, *, owner: str, storage_outage
 
     `storage_outage` counts the requeue in `storage_requeues` (the object store could not be reached).
     """
-    values: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None, "attempts": Job.attempts + 1}
+    values: dict[str, Any] = {**_requeued(), "attempts": Job.attempts + 1}
     if storage_outage:
         values["storage_requeues"] = Job.storage_requeues + 1
-    return _transition(session, job_id, JobStatus.QUEUED, values, guard=_owned_by(owner))
+    return _finish(session, job_id, JobStatus.QUEUED, values, owner, JobPhase.QUEUED)
+
+
+def _requeued() -> dict[str, Any]:
+    return {"lease_owner": None, "lease_expires_at": None, "phase": JobPhase.QUEUED}
 
 
 def requeue_stale(session: Session, *, now: datetime | None = None) -> list[str]:
@@ -331,8 +409,10 @@ def requeue_stale(session: Session, *, now: datetime | None = None) -> list[str]
     for job_id in stale:
         cancelled = (Job.cancel_requested.is_(True),)
         if _transition(session, job_id, JobStatus.CANCELLED, _finished(now), guard=expired + cancelled):
+            _enter_phase(session, job_id, None, now)
             continue
-        values = {"lease_owner": None, "lease_expires_at": None, "attempts": Job.attempts + 1}
+        values = {**_requeued(), "attempts": Job.attempts + 1}
         if _transition(session, job_id, JobStatus.QUEUED, values, guard=expired):
+            _enter_phase(session, job_id, JobPhase.QUEUED, now)
             requeued.append(job_id)
     return requeued

@@ -18,12 +18,20 @@ class JobStatus(StrEnum):
 
 
 class JobPhase(StrEnum):
-    """What a running job is doing right now, for progress reporting."""
+    """What a job is doing right now, in the order a job goes through them.
 
+    LISTING lasts until the first image of the data set is found, STAGING while the images (and
+    the labelled eval set, if any) download; DONE is the instant a job succeeded.
+    """
+
+    QUEUED = "queued"
     LISTING = "listing"
+    STAGING = "staging"
     SCORING_ZERO_SHOT = "scoring_zero_shot"
     TRAINING = "training"
     EXPORTING = "exporting"
+    EVALUATING = "evaluating"
+    DONE = "done"
 
 
 TERMINAL_STATUSES: frozenset[JobStatus] = frozenset(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from services.must.classifier import validate_class_names, validate_templates
 from services.must.config import MustConfig, resolve
 from services.must.data import SkipReport, scan_folder
 from services.must.errors import DatasetError
+from services.must.evaluation import score_classifier
 from services.must.export import Manifest, export_classifier
 from services.must.guard import (
     GUARD_POINTS,
@@ -97,6 +98,7 @@ class Prepared:
     class_names: list[str]
     templates: list[str]
     spec: ModelSpec
+    descriptions: dict[str, str] = field(default_factory=dict)
 
     def classifier(self, network: MustNetwork | None = None) -> ImageClassifier:
         return ImageClassifier.from_network(network or self.network, self.class_names, self.clip.preprocess)
@@ -116,14 +118,15 @@ def prepare(
     class_names: Sequence[str],
     templates: Sequence[str] | None = None,
     device: torch.device | str = "cpu",
+    descriptions: Mapping[str, str] | None = None,
 ) -> Prepared:
-    """Load the CLIP, build the text head and release the text tower."""
+    """Load the CLIP, build the text head (with the class descriptions) and release the text tower."""
     names = validate_class_names(class_names)
     prompts = validate_templates(templates)
     clip = load_clip(spec, device)
-    zero_shot = ImageClassifier.zero_shot(clip, names, prompts, device=device)
+    zero_shot = ImageClassifier.zero_shot(clip, names, prompts, device=device, descriptions=descriptions)
     network = MustNetwork(clip.visual, zero_shot.head, clip.logit_scale).to(device)
-    return Prepared(clip, network, names, prompts, spec)
+    return Prepared(clip, network, names, prompts, spec, dict(descriptions or {}))
 
 
 def _batches(
@@ -322,12 +325,41 @@ class Adaptation:
             "confidence_quantiles": {str(q): round(v, 5) for q, v in zip(levels, quantiles, strict=True)},
         }
 
+    def zero_shot_classifier(self) -> ImageClassifier:
+        """The zero-shot classifier again (training changed the network's weights in place)."""
+        p = self.prepared
+        return prepare(p.spec, p.class_names, p.templates, self.device, p.descriptions).classifier()
+
+    def evaluate(self, paths: Sequence[Path], labels: Sequence[int]) -> dict[str, Any]:
+        """Score zero-shot, teacher, student and the served classifier on a labelled set.
+
+        Only reported: the labels never train and never change what `choose` serves.
+        """
+        decision = self.decision or self.choose()
+        p = self.prepared
+        scores = {
+            "zero_shot": score_classifier(self.zero_shot_classifier(), paths, labels),
+            "teacher": score_classifier(p.classifier(self.task.teacher.module), paths, labels),  # type: ignore[arg-type]
+            "student": score_classifier(p.classifier(self.task.student), paths, labels),
+        }
+        served = decision.served
+        scores["served"] = (
+            scores[served]
+            if served in scores
+            else score_classifier(self.served_classifier(decision), paths, labels)
+        )
+        return {
+            "images": len(paths),
+            "class_names": list(p.class_names),
+            "served": served,
+            "candidates": scores,
+        }
+
     def served_classifier(self, decision: Decision) -> ImageClassifier:
         """The classifier `decision` names, with the run's class names and preprocessing."""
         p = self.prepared
         if decision.served == ZERO_SHOT:
-            zero_shot = prepare(p.spec, p.class_names, p.templates, self.device)
-            return zero_shot.classifier()
+            return self.zero_shot_classifier()
         if decision.served == "student":
             return p.classifier(self.task.student)
         if decision.served == "teacher":
@@ -352,6 +384,7 @@ class Adaptation:
             "views": self.views.to_dict() if self.views else None,
             "guard": decision.to_dict(),
             "predictions": self.predictions(decision),
+            "class_descriptions": self.prepared.descriptions,
             "last_step": result.history[-1] if result.history else {},
         }
         return export_classifier(
@@ -374,6 +407,7 @@ def start(
     config: MustConfig | None = None,
     device: torch.device | str | None = None,
     checkpoint_dir: Path | None = None,
+    descriptions: Mapping[str, str] | None = None,
 ) -> Adaptation:
     """Resolve the defaults for these images, load the CLIP, fit the views, choose the threshold
     and score zero-shot for the guard, all without labels.
@@ -383,7 +417,7 @@ def start(
     device = torch.device(device) if device is not None else default_device()
     cfg = resolve((config or MustConfig()).validate(), len(paths))
     torch.manual_seed(cfg.seed)
-    prepared = prepare(model, class_names, templates, device)
+    prepared = prepare(model, class_names, templates, device, descriptions)
     # Calibration, view fitting and guard scoring are deterministic (seeded views, zero-shot
     # weights), so a resumed run recomputes what the interrupted one measured.
     fitted, views = fit_student_views(prepared, paths, cfg, device)
@@ -438,6 +472,7 @@ def adapt(
     device: torch.device | str | None = None,
     hooks: TrainerHooks | None = None,
     max_images: int | None = None,
+    descriptions: Mapping[str, str] | None = None,
 ) -> AdaptResult:
     """Run MUST end to end on local images and export the adapted classifier to `out_dir/classifier`."""
     paths, skipped = list_images(images, max_images)
@@ -450,6 +485,7 @@ def adapt(
         config=config,
         device=device,
         checkpoint_dir=checkpoints,
+        descriptions=descriptions,
     )
     result = run.train(checkpoints, hooks)
     manifest = run.export(out_dir / "classifier", result, skipped)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import string
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import open_clip
@@ -47,6 +47,23 @@ def validate_templates(templates: Sequence[str] | None) -> list[str]:
             "every template needs exactly one '{}' for the class name and no other '{...}' field "
             f"(literal braces are written '{{{{' and '}}}}'); bad: {bad[:3]}"
         )
+    return out
+
+
+def described_names(class_names: Sequence[str], descriptions: Mapping[str, str] | None = None) -> list[str]:
+    """What fills each template's `{}`: `<name>, <description>` for a described class, else the name.
+
+    So "a photo of a {}." becomes "a photo of a bird, a small bird perched on a branch." and every
+    class keeps one prompt per template (the ensemble stays balanced across classes).
+    """
+    descriptions = descriptions or {}
+    unknown = sorted(set(descriptions) - set(class_names))
+    if unknown:
+        raise ConfigError(f"class descriptions name classes that are not in the class list: {unknown[:10]}")
+    out = []
+    for name in class_names:
+        text = (descriptions.get(name) or "").strip()
+        out.append(f"{name}, {text}" if text else name)
     return out
 
 

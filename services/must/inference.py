@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -13,7 +13,7 @@ from open_clip.transformer import VisionTransformer
 from PIL import Image
 from torch import nn
 
-from services.must.classifier import build_text_head, release_text_tower
+from services.must.classifier import build_text_head, described_names, release_text_tower
 from services.must.loading import LoadedClip
 from services.must.network import MustNetwork
 from services.must.transforms import eval_transform
@@ -53,9 +53,12 @@ class ImageClassifier(nn.Module):
         class_names: Sequence[str],
         templates: Sequence[str],
         device: str | torch.device = "cpu",
+        descriptions: Mapping[str, str] | None = None,
     ) -> ImageClassifier:
-        """The zero-shot baseline: the CLIP's image tower and a head built from the prompts."""
-        head = build_text_head(clip.model, clip.tokenizer, class_names, templates, device=device)
+        """The zero-shot baseline: the CLIP's image tower and a head built from the prompts
+        (a described class's prompts carry its description, see `described_names`)."""
+        prompt_names = described_names(class_names, descriptions)
+        head = build_text_head(clip.model, clip.tokenizer, prompt_names, templates, device=device)
         release_text_tower(clip.model)
         return cls(clip.visual, head, clip.logit_scale, class_names, clip.preprocess).eval()
 

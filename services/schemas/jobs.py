@@ -28,7 +28,7 @@ from services.jobs.states import JobPhase, JobStatus
 from services.storage.uri import parse_uri
 
 if TYPE_CHECKING:
-    from services.db.models import Job, JobMetric
+    from services.db.models import Job, JobLogLine, JobMetric, JobPhaseSpan
 
 MIN_CLASSES = 2
 # Same limit as the engine's text head (services.must.classifier.MAX_CLASSES).
@@ -221,12 +221,15 @@ class ModelSpec(BaseModel):
 
 
 class EvalSpec(BaseModel):
-    """An optional labelled set, used only to report accuracy, never to train."""
+    """An optional labelled set, used only to report accuracy, never to train or to choose what is served."""
 
     model_config = ConfigDict(extra="forbid")
 
     uri: str = Field(
-        description="A folder-per-class layout or a manifest, as `s3://` or `file://`",
+        description="A folder per class (`<uri>/<class name>/<image>`), or a manifest file ending in "
+        '`.csv` (rows `key,label`) or `.jsonl` (objects `{"key": ..., "label": ...}`) whose keys are '
+        "relative to the manifest's folder; `s3://`, or `file://` in embedded mode. "
+        "Labels must be class names",
         examples=["s3://my-images/labelled-eval/"],
     )
 
@@ -260,7 +263,9 @@ class AdaptationCreate(BaseModel):
         },
     )
     class_descriptions: dict[str, str] | None = Field(
-        default=None, description="Extra prompt text per class name"
+        default=None,
+        description="Extra prompt text per class name: a described class's prompts fill each template's "
+        "`{}` with `<name>, <description>` instead of the name alone",
     )
     dataset: DatasetSpec
     model: ModelSpec = Field(default_factory=lambda: ModelSpec(arch="ViT-B-32", pretrained="openai"))
@@ -354,6 +359,18 @@ _PUBLIC_EXAMPLE: dict[str, Any] = {
     "artifact": None,
     "checkpoint_uri": "s3://must-artifacts/adaptations/0b6f3c1e-5a52-4c3c-9d0e-2f4f3f2d9a10/checkpoints/latest.json",
     "error": None,
+    "phases": [
+        {"phase": "queued", "started_at": "2026-11-25T10:00:00Z", "ended_at": "2026-11-25T10:00:05Z"},
+        {"phase": "listing", "started_at": "2026-11-25T10:00:05Z", "ended_at": "2026-11-25T10:00:06Z"},
+        {"phase": "staging", "started_at": "2026-11-25T10:00:06Z", "ended_at": "2026-11-25T10:03:40Z"},
+        {
+            "phase": "scoring_zero_shot",
+            "started_at": "2026-11-25T10:03:40Z",
+            "ended_at": "2026-11-25T10:04:30Z",
+        },
+        {"phase": "training", "started_at": "2026-11-25T10:04:30Z", "ended_at": None},
+    ],
+    "evaluation": None,
     "request": _CREATE_EXAMPLE,
 }
 
@@ -389,6 +406,59 @@ class Outcome(BaseModel):
     )
 
 
+class PhaseSpan(BaseModel):
+    """One phase of a job, from its start to the start of the next (None: the job is in it now)."""
+
+    phase: JobPhase
+    started_at: datetime
+    ended_at: datetime | None = None
+
+    @classmethod
+    def from_span(cls, span: JobPhaseSpan) -> PhaseSpan:
+        """The public view of a phase history row."""
+        return cls(phase=span.phase, started_at=span.started_at, ended_at=span.ended_at)
+
+
+class EvalScore(BaseModel):
+    """One classifier's scores on the labelled eval set."""
+
+    top1: float = Field(description="Top-1 accuracy in percent")
+    per_class_recall: dict[str, float] = Field(
+        description="Per class name: the share (0..1) of its images predicted as it; NaN-free, a class "
+        "without images is left out"
+    )
+    confusion: list[list[int]] = Field(
+        description="Rows are the true classes, columns the predicted ones, both in `class_names` order"
+    )
+
+
+class EvaluationReport(BaseModel):
+    """Scores on the labelled eval set: reported only, it never trains or chooses what is served."""
+
+    images: int
+    class_names: list[str]
+    served: str = Field(description="The classifier the job serves (the `served` candidate is that one)")
+    candidates: dict[str, EvalScore] = Field(
+        description='Keys "zero_shot", "teacher", "student" and "served"'
+    )
+
+
+_EVALUATION_EXAMPLE: dict[str, Any] = {
+    "images": 4,
+    "class_names": ["cat", "dog"],
+    "served": "teacher",
+    "candidates": {
+        name: {"top1": top1, "per_class_recall": recall, "confusion": confusion}
+        for name, top1, recall, confusion in [
+            ("zero_shot", 50.0, {"cat": 1.0, "dog": 0.0}, [[2, 0], [2, 0]]),
+            ("teacher", 75.0, {"cat": 1.0, "dog": 0.5}, [[2, 0], [1, 1]]),
+            ("student", 75.0, {"cat": 0.5, "dog": 1.0}, [[1, 1], [0, 2]]),
+            ("served", 75.0, {"cat": 1.0, "dog": 0.5}, [[2, 0], [1, 1]]),
+        ]
+    },
+}
+
+
 class AdaptationPublic(BaseModel):
     """An adaptation job as clients see it."""
 
@@ -417,6 +487,15 @@ class AdaptationPublic(BaseModel):
     outcome: Outcome | None = None
     checkpoint_uri: str | None = None
     error: JobErrorInfo | None = None
+    phases: list[PhaseSpan] = Field(
+        default_factory=list, description="Every phase the job went through, oldest first"
+    )
+    evaluation: EvaluationReport | None = Field(
+        default=None,
+        description="Scores of zero-shot, teacher, student and the served classifier on the request's "
+        "labelled eval set (only when it named one and the job succeeded)",
+        examples=[_EVALUATION_EXAMPLE],
+    )
     request: dict[str, Any] = Field(description="The request as accepted (normalised AdaptationCreate)")
 
     @classmethod
@@ -442,6 +521,8 @@ class AdaptationPublic(BaseModel):
             outcome=Outcome.model_validate(job.outcome) if job.outcome else None,
             checkpoint_uri=job.checkpoint_uri,
             error=_error(job),
+            phases=[PhaseSpan.from_span(span) for span in job.phases],
+            evaluation=EvaluationReport.model_validate(job.evaluation) if job.evaluation else None,
             request=job.request,
         )
 
@@ -563,6 +644,28 @@ class SamplesPublic(BaseModel):
     per_class: int
     images: int = Field(description="How many images (the guard's sample) the examples were drawn from")
     classes: list[SampleClass]
+
+
+class LogLine(BaseModel):
+    """One line the worker logged while running the job."""
+
+    id: int = Field(description="Increasing; pass the last one seen as `after` to page on")
+    time: datetime
+    level: str
+    logger: str
+    message: str
+
+    @classmethod
+    def from_row(cls, row: JobLogLine) -> LogLine:
+        """The public view of a log row."""
+        return cls(id=row.id, time=row.created_at, level=row.level, logger=row.logger, message=row.message)
+
+
+class LogsPage(BaseModel):
+    """A job's worker log lines, oldest first."""
+
+    adaptation_id: str
+    items: list[LogLine]
 
 
 class TrainJobMessage(BaseModel):

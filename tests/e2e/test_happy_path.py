@@ -64,8 +64,17 @@ def test_adapt_from_s3_then_predict_better_than_zero_shot(stack: Stack) -> None:
     elapsed = time.monotonic() - started
     assert job["status"] == "succeeded", job["error"]
     print(f"\ne2e happy path: job succeeded in {elapsed:.1f} s; phases {phases}")
-    assert phases[-1] == "exporting"
+    assert phases[-1] == "done"
     assert "training" in phases
+    assert [span["phase"] for span in job["phases"]] == [
+        "queued",
+        "listing",
+        "staging",
+        "scoring_zero_shot",
+        "training",
+        "exporting",
+        "done",
+    ]
     assert (job["images_used"], job["images_skipped"]) == (TRAIN_IMAGES, 2)
     # The label-free guard's choice and its evidence come back with the job.
     outcome = job["outcome"]

@@ -17,7 +17,7 @@ from services.config import DatabaseSettings, Settings, StorageSettings
 from services.db.models import Job
 from services.db.types import utcnow
 from services.jobs import repository
-from services.jobs.states import JobStatus
+from services.jobs.states import JobPhase, JobStatus
 from services.must.trainer import StepMetrics
 from tests.worker.conftest import NUM_IMAGES, create_job, tiny_request
 from worker.pipeline import run_training_job
@@ -272,7 +272,7 @@ def test_job_held_by_a_live_lease_is_left_alone(
 
     job = _run(job_id, session_factory, settings, tmp_path)
 
-    assert (job.status, job.lease_owner, job.phase) == (JobStatus.RUNNING, "worker-b", None)
+    assert (job.status, job.lease_owner, job.phase) == (JobStatus.RUNNING, "worker-b", JobPhase.QUEUED)
 
 
 def test_reconciler_requeues_and_resends_stale_jobs(session_factory: sessionmaker[Session]) -> None:

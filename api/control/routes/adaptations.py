@@ -19,7 +19,8 @@ from api.common.errors import ServiceUnavailable, error_responses
 from api.control.deps import QueueDep, SessionDep, SettingsDep, StoreOpener, StoreOpenerDep
 from api.control.queue import JobQueue
 from services.config import Settings
-from services.errors import InvalidRequest, JobNotFound
+from services.errors import EvalSetError, InvalidRequest, JobNotFound, ObjectNotFound
+from services.evalset import list_eval_items
 from services.jobs import repository
 from services.jobs.series import MIN_POINTS, downsampled_series
 from services.jobs.states import JobStatus
@@ -30,6 +31,8 @@ from services.schemas.jobs import (
     AdaptationPublic,
     AdaptationsPage,
     DatasetSpec,
+    LogLine,
+    LogsPage,
     MetricPoint,
     MetricSeries,
     MetricsPage,
@@ -84,6 +87,19 @@ def check_dataset(dataset: DatasetSpec, settings: Settings, opener: StoreOpener)
         )
 
 
+def check_eval(body: AdaptationCreate, opener: StoreOpener) -> None:
+    """Submit-time checks of the eval set: its manifest or class folders exist, it is not empty, and
+    every label is a class name (missing images are found by the worker, before it trains)."""
+    if body.eval is None:
+        return
+    uri = body.eval.uri
+    store, key = opener(parse_uri(uri))
+    try:
+        list_eval_items(store, key, uri, body.class_names)
+    except ObjectNotFound:
+        raise EvalSetError(f"the eval manifest {uri} does not exist") from None
+
+
 def _enqueue(session: Session, queue: JobQueue, job_id: str) -> None:
     """Send the job to the workers; if that fails, fail the job (no worker would see it) and answer 503."""
     try:
@@ -117,6 +133,7 @@ def create_adaptation(
     """Submit an adaptation job: validate it, record it as queued and enqueue it for a GPU worker."""
     check_request_locations(body, settings)
     check_dataset(body.dataset, settings, opener)
+    check_eval(body, opener)
     request = body.model_dump(mode="json")
     job = repository.create_job(
         session, request=request, idempotency_key=idempotency_key, tenant=principal.tenant
@@ -207,3 +224,17 @@ def get_adaptation_metric_series(
         last_step=rows[-1][0] if rows else None,
         series={name: SeriesPoints(steps=s.steps, values=s.values) for name, s in series.items()},
     )
+
+
+@router.get("/{adaptation_id}/logs", response_model=LogsPage, responses=error_responses(404, 422))
+def list_adaptation_logs(
+    adaptation_id: AdaptationId,
+    session: SessionDep,
+    principal: PrincipalDep,
+    after: Annotated[int, Query(ge=0, le=2**63 - 1, description="Only lines with a larger id")] = 0,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> LogsPage:
+    """Get the worker's log lines for a job, oldest first (page on with `after`)."""
+    job_id = _job_id(adaptation_id)
+    lines = repository.list_log_lines(session, job_id, after=after, limit=limit, tenant=principal.scope)
+    return LogsPage(adaptation_id=job_id, items=[LogLine.from_row(line) for line in lines])

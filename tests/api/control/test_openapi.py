@@ -22,6 +22,7 @@ ENDPOINTS: dict[tuple[str, str], Callable[..., Any]] = {
     ("get", "/adaptations/{adaptation_id}/samples/{class_index}/{position}"): (
         samples.get_adaptation_sample_thumbnail
     ),
+    ("get", "/adaptations/{adaptation_id}/logs"): adaptations.list_adaptation_logs,
     ("get", "/healthz"): health.healthz,
     ("get", "/readyz"): health.readyz,
     ("get", "/metrics"): metrics.prometheus_metrics,

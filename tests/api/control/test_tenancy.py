@@ -75,6 +75,7 @@ def test_another_tenants_job_is_404_for_every_action(client: TestClient, body: d
     for method, path in [
         ("GET", f"/adaptations/{job_id}"),
         ("GET", f"/adaptations/{job_id}/metrics"),
+        ("GET", f"/adaptations/{job_id}/logs"),
         ("POST", f"/adaptations/{job_id}/cancel"),
     ]:
         answer = client.request(method, path, headers=_as(BETA))
