@@ -125,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.set_defaults(run=cmd_cancel)
 
+    p = commands.add_parser("delete", help="delete a job with its classifier and checkpoints")
+    p.add_argument("id")
+    p.set_defaults(run=cmd_delete)
+
     p = commands.add_parser("predict", help="classify images with an adapted classifier")
     p.add_argument("id", help="a succeeded adaptation's id")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="local files or s3:// URIs")
@@ -221,6 +225,13 @@ def cmd_cancel(must: MustClient, args: argparse.Namespace) -> int:
         "cancelled" if job.status == JobStatus.CANCELLED else "cancel requested; it stops at its next step"
     )
     print(f"{job.id}: {state}")
+    return EXIT_OK
+
+
+def cmd_delete(must: MustClient, args: argparse.Namespace) -> int:
+    """Delete the job and everything it stored."""
+    must.delete(args.id)
+    print(f"{args.id}: deleted")
     return EXIT_OK
 
 

@@ -210,6 +210,11 @@ class MustClient:
         response = self.control.request("POST", f"/adaptations/{adaptation_id}/cancel")
         return AdaptationPublic.model_validate(response.json())
 
+    def delete(self, adaptation_id: str) -> None:
+        """DELETE /adaptations/{id}: the job, its classifier, checkpoints and metrics (NotFound if gone;
+        Conflict while it runs: cancel it and wait for it to stop first)."""
+        self.control.request("DELETE", f"/adaptations/{adaptation_id}")
+
     def metrics(self, adaptation_id: str) -> MetricsPage:
         """GET /adaptations/{id}/metrics: the job's metric history."""
         response = self.control.request("GET", f"/adaptations/{adaptation_id}/metrics")

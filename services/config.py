@@ -147,6 +147,9 @@ class WorkerSettings(BaseModel):
     requeue_queued_after_seconds: float = Field(default=300, gt=0)
     # Checkpoints kept in the artifacts store per job (older ones are deleted after each new one).
     keep_checkpoints: int = Field(default=3, ge=1)
+    # Days after a job finishes when the workers' reconciler deletes its checkpoints (the classifier,
+    # manifest and metrics stay); None keeps them until the job is deleted.
+    checkpoint_retention_days: float | None = Field(default=None, gt=0)
     # How long one storage operation of a running job is retried (with backoff) before giving up.
     storage_retry_seconds: float = Field(default=30, ge=0)
     # A job that still cannot reach the store goes back to the queue, to resume from its last

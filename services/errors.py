@@ -28,6 +28,10 @@ class InvalidJobTransition(DomainError):
         self.old, self.new, self.job_id = old, new, job_id
 
 
+class JobBusy(DomainError):
+    """The job is running, so the requested change (deleting it) must wait until it stops."""
+
+
 class ArtifactMissing(DomainError):
     """The job has no usable artifact yet (not finished, or the stored files are gone)."""
 

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.inference.errors import AdaptationNotReady, ImageRejected, WeightsNotAvailable
 from api.inference.memory import release_freed_memory
 from api.inference.pixels import PixelSteps, normalize, pixel_steps, to_uint8
+from services.db.models import Job
 from services.errors import ArtifactMissing, InvalidRequest, JobNotFound, RequestTooLarge
 from services.jobs import repository
 from services.jobs.states import JobStatus
@@ -127,7 +128,12 @@ class ClassifierCache:
         """The classifier of a succeeded adaptation (of `tenant`; None: any), at the job row's version."""
         job_id = canonical_job_id(adaptation_id)
         with self.session_factory() as session:
-            job = repository.get_job(session, job_id, tenant=tenant)
+            try:
+                job = repository.get_job(session, job_id, tenant=tenant)
+            except JobNotFound:
+                if session.get(Job, job_id) is None:
+                    self.forget(job_id)  # deleted: free its memory and its files on disk
+                raise
             status, sha, owner = job.status, job.artifact_sha256, job.tenant
         if status != JobStatus.SUCCEEDED or not sha:
             raise AdaptationNotReady(job_id, str(status))
@@ -160,6 +166,15 @@ class ClassifierCache:
         if tenant is not None and owner != tenant:
             return None
         return served
+
+    def forget(self, job_id: str) -> None:
+        """Drop a deleted adaptation's classifier from memory and its downloaded files from disk."""
+        with self._lock:
+            dropped = self._models.pop(job_id, None)
+            self._confirmed.pop(job_id, None)
+        shutil.rmtree(self.cache_dir / job_id, ignore_errors=True)
+        if dropped is not None:
+            log.info("adaptation %s was deleted; dropped its classifier from the cache", job_id)
 
     def peek(self, key: str) -> ServedModel | None:
         """The loaded model under `key`, without loading anything (and without waiting for a load)."""

@@ -10,7 +10,7 @@ import uuid
 from http import HTTPStatus
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header, Query, Response
 from fastapi import Path as PathParam
 from sqlalchemy.orm import Session
 
@@ -33,6 +33,7 @@ from services.schemas.jobs import (
     MetricsPage,
     TrainJobMessage,
 )
+from services.storage.keys import adaptation_prefix, join_key
 from services.storage.uri import FileURI, parse_uri
 
 logger = logging.getLogger(__name__)
@@ -175,3 +176,29 @@ def list_adaptation_metrics(
         session, job_id, since_step=since_step, limit=limit, tenant=principal.scope
     )
     return MetricsPage(adaptation_id=job_id, items=[MetricPoint.from_metric(m) for m in metrics])
+
+
+@router.delete(
+    "/{adaptation_id}",
+    status_code=HTTPStatus.NO_CONTENT,
+    response_class=Response,
+    responses=error_responses(404, 409, 503),
+)
+def delete_adaptation(
+    adaptation_id: AdaptationId,
+    session: SessionDep,
+    settings: SettingsDep,
+    opener: StoreOpenerDep,
+    principal: PrincipalDep,
+) -> Response:
+    """Delete a job with its classifier, checkpoints and metrics (a queued job is cancelled first; 409
+    while it runs). A deleted job is gone: deleting it again answers 404."""
+    job_id = _job_id(adaptation_id)
+    repository.stop_for_delete(session, job_id, tenant=principal.scope)
+    # Files first, row last: if the store fails (503), the job is still listed and a retry finishes it.
+    store, prefix = opener(settings.storage.artifacts_uri)
+    removed = store.delete_prefix(join_key(prefix, adaptation_prefix(job_id)))
+    if not repository.delete_job(session, job_id):
+        raise JobNotFound(job_id)  # a concurrent delete got there first
+    logger.info("deleted adaptation job %s and %d stored files", job_id, removed)
+    return Response(status_code=HTTPStatus.NO_CONTENT)
