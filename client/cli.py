@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.set_defaults(run=cmd_delete)
 
+    p = commands.add_parser("download", help="download a succeeded job's classifier into a folder")
+    p.add_argument("id")
+    p.add_argument("folder", type=Path)
+    p.add_argument(
+        "--via-api", action="store_true", help="stream through the control API, not from the object store"
+    )
+    p.set_defaults(run=cmd_download)
+
+    p = commands.add_parser(
+        "export", help="download a job's classifier and convert it (ONNX) on this machine"
+    )
+    p.add_argument("id")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="only onnx for now (the default)")
+    p.add_argument("--out", type=Path, default=None, help="output file (default: ID.onnx)")
+    p.add_argument("--via-api", action="store_true", help="download through the control API")
+    p.set_defaults(run=cmd_export)
+
     p = commands.add_parser("predict", help="classify images with an adapted classifier")
     p.add_argument("id", help="a succeeded adaptation's id")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="local files or s3:// URIs")
@@ -235,9 +253,36 @@ def cmd_delete(must: MustClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _format_predictions(name: str, predictions: list[dict[str, Any]]) -> str:
-    labels = ", ".join(f"{p['label']} {p['probability']:.3f}" for p in predictions)
-    return f"{name}: {labels}"
+def cmd_download(must: MustClient, args: argparse.Namespace) -> int:
+    """Download the classifier's files, each checked against its sha256."""
+    info = must.download(args.id, args.folder, via_api=args.via_api)
+    for file in info.files:
+        print(f"{args.folder / file.name}  {file.size} bytes  sha256 {file.sha256}")
+    return EXIT_OK
+
+
+def cmd_export(must: MustClient, args: argparse.Namespace) -> int:
+    """Download the classifier into a temporary folder and convert it here (needs torch and onnx)."""
+    try:
+        from services.must.onnx_export import export_onnx_from_dir
+    except ImportError as exc:
+        raise MustClientError(
+            f"export runs the model on this machine and needs torch and onnx ({exc.name} is missing): "
+            "pip install -e '.[ml,onnx]'"
+        ) from None
+    out = args.out or Path(f"{args.id}.{args.format}")
+    with tempfile.TemporaryDirectory(prefix="must-export-") as folder:
+        info = must.download(args.id, folder, via_api=args.via_api)
+        export_onnx_from_dir(Path(folder), out)
+    print(f"{out}: ONNX classifier of adaptation {info.adaptation_id} (weights sha256 {info.sha256})")
+    return EXIT_OK
+
+
+def _format_predictions(name: str, result: dict[str, Any]) -> str:
+    if result.get("error"):
+        return f"{name}: rejected ({result['error']['reason']}): {result['error']['message']}"
+    labels = ", ".join(f"{p['label']} {p['probability']:.3f}" for p in result["predictions"])
+    return f"{name}: {'abstained; ' if result.get('abstained') else ''}{labels}"
 
 
 def cmd_predict(must: MustClient, args: argparse.Namespace) -> int:
@@ -248,16 +293,16 @@ def cmd_predict(must: MustClient, args: argparse.Namespace) -> int:
         raise MustClientError(f"no such file: {', '.join(missing)}")
     uploaded = iter(must.predict_files(args.id, local, top_k=args.top_k)) if local else iter(())
     results = []
+    keep = ("label", "abstained", "predictions", "error")
     for image in args.images:
-        if image.startswith("s3://"):
-            answer = must.predict_url(args.id, image, top_k=args.top_k)
-            results.append({"image": image, "predictions": answer["predictions"]})
-        else:
-            results.append({"image": image, "predictions": next(uploaded)["predictions"]})
-    for result in results:
-        print(
-            json.dumps(result) if args.json else _format_predictions(result["image"], result["predictions"])
+        answer = (
+            must.predict_url(args.id, image, top_k=args.top_k)
+            if image.startswith("s3://")
+            else next(uploaded)
         )
+        results.append({"image": image} | {key: answer.get(key) for key in keep})
+    for result in results:
+        print(json.dumps(result) if args.json else _format_predictions(result["image"], result))
     return EXIT_OK
 
 

@@ -14,6 +14,9 @@ carrying the service's own explanation when it answers with an error status.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -24,7 +27,13 @@ from typing import Any, Self
 import httpx
 
 from services.jobs.states import TERMINAL_STATUSES
-from services.schemas.jobs import AdaptationPublic, AdaptationsPage, MetricsPage
+from services.schemas.jobs import (
+    AdaptationPublic,
+    AdaptationsPage,
+    ArtifactDownload,
+    ArtifactFile,
+    MetricsPage,
+)
 
 DEFAULT_API_URL = "http://127.0.0.1:8000"
 DEFAULT_INFERENCE_URL = "http://127.0.0.1:8001"
@@ -129,6 +138,38 @@ class _Service:
             raise ServiceUnreachable(self.name, self.url, str(exc) or type(exc).__name__) from exc
         return check(self.name, response)
 
+    def download(self, url: str, target: Path, sha256: str) -> None:
+        """GET `url` (a path of this service, or an absolute presigned URL, sent without the API key)
+        into `target`, which appears only once its bytes match `sha256`."""
+        presigned = url.startswith(("http://", "https://"))
+        name = "object store" if presigned else self.name
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+        digest = hashlib.sha256()
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                # A presigned URL carries its own signature: an Authorization header would void it.
+                client = httpx.Client(timeout=self.http.timeout) if presigned else self.http
+                try:
+                    with client.stream("GET", url) as response:
+                        if not response.is_success:
+                            response.read()
+                        check(name, response)
+                        for chunk in response.iter_bytes(1 << 20):
+                            digest.update(chunk)
+                            fh.write(chunk)
+                finally:
+                    if presigned:
+                        client.close()
+            if digest.hexdigest() != sha256:
+                raise MustClientError(
+                    f"{target.name}: the downloaded bytes have sha256 {digest.hexdigest()}, expected {sha256}"
+                )
+            os.replace(tmp, target)
+        except httpx.TransportError as exc:
+            raise ServiceUnreachable(name, url.split("?")[0], str(exc) or type(exc).__name__) from exc
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
 
 class MustClient:
     """Both services of one deployment, with one API key."""
@@ -214,6 +255,28 @@ class MustClient:
         """DELETE /adaptations/{id}: the job, its classifier, checkpoints and metrics (NotFound if gone;
         Conflict while it runs: cancel it and wait for it to stop first)."""
         self.control.request("DELETE", f"/adaptations/{adaptation_id}")
+
+    def artifact(self, adaptation_id: str) -> ArtifactDownload:
+        """GET /adaptations/{id}/artifact: the classifier's files, their sizes, sha256 and download URLs."""
+        response = self.control.request("GET", f"/adaptations/{adaptation_id}/artifact")
+        return ArtifactDownload.model_validate(response.json())
+
+    def download(self, adaptation_id: str, folder: Path | str, *, via_api: bool = False) -> ArtifactDownload:
+        """Download a succeeded job's classifier into `folder` (model.safetensors, manifest.json), each
+        file checked against its sha256; `via_api` streams through the control API instead of presigned
+        URLs (for an object store your machine cannot reach)."""
+        info = self.artifact(adaptation_id)
+        target = Path(folder)
+        target.mkdir(parents=True, exist_ok=True)
+        for file in info.files:
+            self.control.download(
+                self._file_url(info.adaptation_id, file, via_api), target / file.name, file.sha256
+            )
+        return info
+
+    @staticmethod
+    def _file_url(adaptation_id: str, file: ArtifactFile, via_api: bool) -> str:
+        return f"/adaptations/{adaptation_id}/artifact/{file.name}" if via_api else file.url
 
     def metrics(self, adaptation_id: str) -> MetricsPage:
         """GET /adaptations/{id}/metrics: the job's metric history."""

@@ -101,6 +101,11 @@ class StorageSettings(BaseModel):
     # Set for MinIO or another S3-compatible server; None means AWS S3 itself.
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
+    # The S3 address clients reach, used only to sign download URLs (GET /adaptations/{id}/artifact)
+    # when the services reach the store at an internal one (compose: http://minio:9000); None: the same.
+    s3_public_endpoint_url: str | None = None
+    # How long a download URL of a classifier stays valid.
+    download_url_seconds: int = Field(default=3600, gt=0, le=7 * 24 * 3600)
 
     @field_validator("artifacts_uri")
     @classmethod

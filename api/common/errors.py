@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.errors import (
     ArtifactMissing,
+    ArtifactNotReady,
     BucketNotFound,
     DomainError,
     InvalidJobTransition,
@@ -47,6 +48,7 @@ STATUS_BY_ERROR: dict[type[DomainError], HTTPStatus] = {
     ObjectNotFound: HTTPStatus.NOT_FOUND,
     InvalidJobTransition: HTTPStatus.CONFLICT,
     JobBusy: HTTPStatus.CONFLICT,
+    ArtifactNotReady: HTTPStatus.CONFLICT,
     ObjectTooLarge: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
     RequestTooLarge: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
     InvalidRequest: HTTPStatus.UNPROCESSABLE_ENTITY,

@@ -23,7 +23,7 @@ from api.common.errors import SECURED_ERRORS, error_responses, register_exceptio
 from api.common.limits import BodySizeLimit
 from api.control.deps import StoreOpener
 from api.control.queue import CeleryJobQueue, JobQueue
-from api.control.routes import adaptations
+from api.control.routes import adaptations, artifacts
 from services.config import Settings, get_settings
 from services.db.migrate import upgrade
 from services.db.session import make_engine, make_session_factory
@@ -113,4 +113,5 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
     app.include_router(health.router)
     app.include_router(metrics.router, dependencies=[API_KEY], responses=error_responses(*SECURED_ERRORS))
     app.include_router(adaptations.router, dependencies=[API_KEY], responses=error_responses(*SECURED_ERRORS))
+    app.include_router(artifacts.router, dependencies=[API_KEY], responses=error_responses(*SECURED_ERRORS))
     return app

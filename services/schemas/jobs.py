@@ -274,6 +274,15 @@ class AdaptationCreate(BaseModel):
         default=None, description=f"Hyperparameter overrides; known names: {', '.join(sorted(HPARAM_NAMES))}"
     )
     eval: EvalSpec | None = None
+    min_probability: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Default abstain threshold of /predict for this classifier: below it, the label is "
+        "null and `abstained` true (a request's own min_probability overrides it). Choose it from "
+        "`outcome.predictions.confidence_quantiles` of the finished job: the q-quantile abstains on "
+        "about a fraction q of images like the unlabeled ones",
+    )
 
     _class_names = field_validator("class_names")(check_class_names)
 
@@ -320,6 +329,28 @@ class ArtifactRef(BaseModel):
 
     uri: str
     sha256: str | None = None
+
+
+class ArtifactFile(BaseModel):
+    """One file of an adapted classifier and where to download it."""
+
+    name: str = Field(description='"model.safetensors" or "manifest.json"')
+    size: int
+    sha256: str
+    url: str = Field(
+        description="A presigned S3 URL (send no API key with it), or, in embedded mode, a path of this "
+        "API that streams the file (send the API key)"
+    )
+
+
+class ArtifactDownload(BaseModel):
+    """Everything needed to download a succeeded job's classifier and check it."""
+
+    adaptation_id: str
+    sha256: str = Field(description="sha256 of model.safetensors, as in the manifest and the job")
+    served: str | None = None
+    expires_in_seconds: int | None = Field(default=None, description="How long presigned URLs stay valid")
+    files: list[ArtifactFile]
 
 
 class JobErrorInfo(BaseModel):

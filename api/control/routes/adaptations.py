@@ -53,7 +53,7 @@ IdempotencyKey = Annotated[
 ]
 
 
-def _job_id(raw: str) -> str:
+def job_id_of(raw: str) -> str:
     """The canonical form of a job id; a string that is not a UUID names no job (404)."""
     try:
         return str(uuid.UUID(raw))
@@ -144,7 +144,7 @@ def get_adaptation(
 ) -> AdaptationPublic:
     """Get one adaptation job: status, progress, latest metrics, image counts, artifact and error."""
     return AdaptationPublic.from_job(
-        repository.get_job(session, _job_id(adaptation_id), tenant=principal.scope)
+        repository.get_job(session, job_id_of(adaptation_id), tenant=principal.scope)
     )
 
 
@@ -158,7 +158,7 @@ def cancel_adaptation(
     adaptation_id: AdaptationId, session: SessionDep, principal: PrincipalDep
 ) -> AdaptationPublic:
     """Cancel a job: a queued one at once, a running one at its next step (409 if already finished)."""
-    job = repository.request_cancel(session, _job_id(adaptation_id), tenant=principal.scope)
+    job = repository.request_cancel(session, job_id_of(adaptation_id), tenant=principal.scope)
     return AdaptationPublic.from_job(job)
 
 
@@ -171,7 +171,7 @@ def list_adaptation_metrics(
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> MetricsPage:
     """Get a job's metric history in step order, for plots (page on with `since_step`)."""
-    job_id = _job_id(adaptation_id)
+    job_id = job_id_of(adaptation_id)
     metrics = repository.list_metrics(
         session, job_id, since_step=since_step, limit=limit, tenant=principal.scope
     )
@@ -193,7 +193,7 @@ def delete_adaptation(
 ) -> Response:
     """Delete a job with its classifier, checkpoints and metrics (a queued job is cancelled first; 409
     while it runs). A deleted job is gone: deleting it again answers 404."""
-    job_id = _job_id(adaptation_id)
+    job_id = job_id_of(adaptation_id)
     repository.stop_for_delete(session, job_id, tenant=principal.scope)
     # Files first, row last: if the store fails (503), the job is still listed and a retry finishes it.
     store, prefix = opener(settings.storage.artifacts_uri)
