@@ -96,9 +96,13 @@ def test_min_probability_abstains_and_the_job_default_applies_unless_overridden(
     plain = post()
     assert plain["min_probability"] is None
     assert all(r["label"] is not None and not r["abstained"] for r in plain["results"])
-    top = max(r["predictions"][0]["probability"] for r in plain["results"])
-    strict = post(min_probability=str(min(1.0, top + 1e-3)))
-    assert all(r["label"] is None and r["abstained"] for r in strict["results"])
+    tops = [r["predictions"][0]["probability"] for r in plain["results"]]
+    threshold = (tops[0] + tops[1]) / 2 if tops[0] != tops[1] else 1.0
+    strict = post(min_probability=str(threshold))
+    assert strict["min_probability"] == threshold
+    for result, top in zip(strict["results"], tops, strict=True):
+        assert result["abstained"] is (top < threshold)
+        assert result["label"] == (None if top < threshold else result["predictions"][0]["label"])
     assert strict["results"][0]["predictions"] == plain["results"][0]["predictions"]
 
     # A job whose request set a default threshold (a request is fixed once the job is made).
@@ -109,8 +113,10 @@ def test_min_probability_abstains_and_the_job_default_applies_unless_overridden(
         session.commit()
     by_default = post()
     assert by_default["min_probability"] == 1.0
-    assert all(r["abstained"] for r in by_default["results"])
+    assert all(r["abstained"] is (r["predictions"][0]["probability"] < 1.0) for r in by_default["results"])
+    assert any(r["abstained"] for r in by_default["results"])
     overridden = post(min_probability="0")
+    assert overridden["min_probability"] == 0.0
     assert all(not r["abstained"] for r in overridden["results"])
     assert (
         client.post(
