@@ -92,6 +92,8 @@ def _add_adapt(commands: Any) -> None:
     )
     p.add_argument("--poll", type=float, default=2.0, help="seconds between progress checks (default 2)")
     p.add_argument("--json", action="store_true", help="print the job as JSON")
+    p.add_argument("--name", help="a name to find the job by (must list --name)")
+    p.add_argument("--tag", dest="tags", action="append", metavar="TAG", help="a tag (repeat for more)")
     p.set_defaults(run=cmd_adapt)
 
 
@@ -118,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("list", help="list jobs, newest first")
     p.add_argument("--status", choices=[s.value for s in JobStatus])
+    p.add_argument("--name", help="only jobs with this exact name")
+    p.add_argument("--tag", help="only jobs with this tag")
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_list)
@@ -197,6 +201,8 @@ def cmd_adapt(must: MustClient, args: argparse.Namespace) -> int:
         hparams=_hparams(args),
         max_images=args.max_images,
         eval_uri=args.eval_uri,
+        name=args.name,
+        tags=args.tags,
     )
     if args.wait:
         print(f"submitted adaptation {job.id}", file=sys.stderr)
@@ -223,7 +229,7 @@ def cmd_status(must: MustClient, args: argparse.Namespace) -> int:
 
 def cmd_list(must: MustClient, args: argparse.Namespace) -> int:
     """A table of jobs, newest first."""
-    page = must.list_adaptations(status=args.status, limit=args.limit)
+    page = must.list_adaptations(status=args.status, limit=args.limit, name=args.name, tag=args.tag)
     if args.json:
         print(page.model_dump_json(indent=2))
         return EXIT_OK

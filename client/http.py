@@ -219,12 +219,15 @@ class MustClient:
         max_images: int | None = None,
         eval_uri: str | None = None,
         idempotency_key: str | None = None,
+        name: str | None = None,
+        tags: Sequence[str] | None = None,
     ) -> AdaptationPublic:
         """Submit an adaptation of `model` (the service's default if None) to the images at `dataset_uri`."""
         dataset: dict[str, Any] = {"uri": dataset_uri}
         if max_images is not None:
             dataset["max_images"] = max_images
-        optional = {"model": model, "templates": templates, "hparams": hparams}
+        optional = {"model": model, "templates": templates, "hparams": hparams, "name": name}
+        optional["tags"] = list(tags) if tags else None
         request: dict[str, Any] = {"class_names": list(class_names), "dataset": dataset}
         request |= {key: value for key, value in optional.items() if value is not None}
         if eval_uri is not None:
@@ -237,12 +240,18 @@ class MustClient:
         return AdaptationPublic.model_validate(response.json())
 
     def list_adaptations(
-        self, *, status: str | None = None, limit: int = 50, offset: int = 0
+        self,
+        *,
+        status: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        name: str | None = None,
+        tag: str | None = None,
     ) -> AdaptationsPage:
-        """GET /adaptations, newest first."""
+        """GET /adaptations, newest first, filtered by status, exact name and tag when given."""
         params: dict[str, Any] = {"limit": limit, "offset": offset}
-        if status:
-            params["status"] = status
+        filters = {"status": status, "name": name, "tag": tag}
+        params |= {key: value for key, value in filters.items() if value}
         response = self.control.request("GET", "/adaptations", params=params)
         return AdaptationsPage.model_validate(response.json())
 

@@ -39,7 +39,14 @@ def create_job(
         if existing is not None:
             return _same_request(existing, request)
     num_classes = len(request.get("class_names", []))
-    job = Job(request=request, idempotency_key=idempotency_key, num_classes=num_classes, tenant=tenant)
+    job = Job(
+        request=request,
+        idempotency_key=idempotency_key,
+        num_classes=num_classes,
+        tenant=tenant,
+        name=request.get("name"),
+        tags=encode_tags(request.get("tags")),
+    )
     session.add(job)
     try:
         session.commit()
@@ -51,6 +58,11 @@ def create_job(
             raise
         return _same_request(existing, request)
     return job
+
+
+def encode_tags(tags: list[str] | None) -> str | None:
+    """Tags as the one string the column holds, `,a,b,` (sorted), so `LIKE '%,a,%'` finds tag `a`."""
+    return f",{','.join(sorted(set(tags)))}," if tags else None
 
 
 def _find_by_key(session: Session, tenant: str, key: str) -> Job | None:
@@ -84,11 +96,19 @@ def list_jobs(
     limit: int = 50,
     offset: int = 0,
     tenant: str | None = None,
+    name: str | None = None,
+    tag: str | None = None,
 ) -> tuple[list[Job], int]:
-    """One page of jobs (of `tenant`, or of all), newest first, and the total count matching the filter."""
+    """One page of jobs (of `tenant`, or of all), newest first, and the total count matching the filter
+    (a status, an exact name, a tag the job carries)."""
     where = [Job.status == status] if status is not None else []
     if tenant is not None:
         where.append(Job.tenant == tenant)
+    if name is not None:
+        where.append(Job.name == name)
+    if tag is not None:
+        # autoescape: `_` and `%` in a tag match themselves, not any character.
+        where.append(Job.tags.contains(f",{tag},", autoescape=True))
     total = session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
     page = select(Job).where(*where).order_by(Job.created_at.desc(), Job.id.desc())
     return list(session.scalars(page.limit(limit).offset(offset))), total

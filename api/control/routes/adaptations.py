@@ -25,6 +25,8 @@ from services.jobs.states import JobStatus
 from services.locations import check_request_locations
 from services.schemas.jobs import (
     MAX_INT,
+    MAX_NAME_CHARS,
+    TAG_PATTERN,
     AdaptationCreate,
     AdaptationPublic,
     AdaptationsPage,
@@ -127,12 +129,18 @@ def list_adaptations(
     session: SessionDep,
     principal: PrincipalDep,
     status: Annotated[JobStatus | None, Query(description="Only jobs with this status")] = None,
+    name: Annotated[
+        str | None,
+        Query(min_length=1, max_length=MAX_NAME_CHARS, description="Only jobs with this exact name"),
+    ] = None,
+    tag: Annotated[str | None, Query(pattern=TAG_PATTERN, description="Only jobs carrying this tag")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
 ) -> AdaptationsPage:
-    """List your adaptation jobs (an admin key: everyone's), newest first, optionally filtered by status."""
+    """List your adaptation jobs (an admin key: everyone's), newest first, optionally filtered by status,
+    name and tag."""
     jobs, total = repository.list_jobs(
-        session, status=status, limit=limit, offset=offset, tenant=principal.scope
+        session, status=status, limit=limit, offset=offset, tenant=principal.scope, name=name, tag=tag
     )
     items = [AdaptationPublic.from_job(job) for job in jobs]
     return AdaptationsPage(items=items, total=total, limit=limit, offset=offset)
