@@ -29,7 +29,7 @@ from client.http import (
     ServiceUnreachable,
     Unauthorized,
 )
-from client.progress import JobProgressBar, describe_job, job_row
+from client.progress import CountProgress, JobProgressBar, describe_job, job_row
 from client.upload import plan_upload, upload
 from services.jobs.states import JobStatus
 
@@ -323,12 +323,14 @@ def cmd_upload(_: MustClient, args: argparse.Namespace) -> int:
     if not plan.items:
         raise MustClientError(f"no image files under {str(args.folder)!r}")
     s3 = boto3.client("s3", endpoint_url=args.endpoint_url)
-    from tqdm import tqdm
-
-    with tqdm(total=len(plan.items), unit="file", desc="upload", file=sys.stderr) as bar:
-        count = upload(plan, s3, workers=args.workers, on_done=lambda _: bar.update())
-    skipped = f" ({plan.skipped} non-image files left out)" if plan.skipped else ""
-    print(f"uploaded {count} images to {args.uri}{skipped}")
+    bar = CountProgress(len(plan.items), "file")
+    try:
+        count, unchanged = upload(plan, s3, workers=args.workers, on_done=lambda _: bar.update())
+    finally:
+        bar.close()
+    notes = [f"{unchanged} already there with the same size and checksum"] if unchanged else []
+    notes += [f"{plan.skipped} non-image files left out"] if plan.skipped else []
+    print(f"uploaded {count} images to {args.uri}" + (f" ({'; '.join(notes)})" if notes else ""))
     return EXIT_OK
 
 
