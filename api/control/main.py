@@ -21,6 +21,7 @@ from api.common import health, metrics
 from api.common.auth import API_KEY, install_auth
 from api.common.errors import SECURED_ERRORS, error_responses, register_exception_handlers
 from api.common.limits import BodySizeLimit
+from api.common.logs import use_json_logs
 from api.control.deps import StoreOpener
 from api.control.queue import CeleryJobQueue, JobQueue
 from api.control.routes import adaptations, artifacts
@@ -88,6 +89,7 @@ def _readiness_checks(
 def create_app(settings: Settings | None = None, *, queue: JobQueue | None = None) -> FastAPI:
     """Build the control-plane app; `settings` default to the environment, `queue` to Celery."""
     settings = settings or get_settings()
+    use_json_logs(settings)
     app = FastAPI(
         title=TITLE,
         version=_version(),
