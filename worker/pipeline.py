@@ -40,7 +40,7 @@ from services.must.checkpoint import LATEST, CheckpointFiles, read_latest
 from services.must.config import MustConfig
 from services.must.errors import Cancelled, CheckpointError, ConfigError, ModelLoadError, MustError
 from services.must.export import MANIFEST, WEIGHTS, Manifest
-from services.must.loading import ModelSpec, pretrained_file
+from services.must.loading import ModelSpec, pretrained_file, resolve_model_config
 from services.must.trainer import FitResult, TrainerHooks
 from services.schemas.jobs import AdaptationCreate
 from services.storage import keys
@@ -145,6 +145,7 @@ def _check_weights(ctx: JobContext, request: AdaptationCreate) -> None:
         allow_download=ctx.settings.models.allow_downloads,
         download_timeout=ctx.settings.models.download_timeout_seconds,
     )
+    resolve_model_config(spec)  # an unknown architecture is named as such, not as a missing tag
     pretrained_file(spec)  # cached: a lookup; else one bounded download, or WeightsUnavailable
 
 
