@@ -39,6 +39,8 @@ DEFAULT_API_URL = "http://127.0.0.1:8000"
 DEFAULT_INFERENCE_URL = "http://127.0.0.1:8001"
 CONTROL = "control API"
 INFERENCE = "inference service"
+# The files of an exported classifier (services.storage.keys.CLASSIFIER_FILES), the only names written.
+CLASSIFIER_FILES = ("model.safetensors", "manifest.json")
 # Files sent per POST /predict: enough to fill the service's micro-batches, small enough to stream.
 UPLOAD_BATCH = 32
 
@@ -278,6 +280,8 @@ class MustClient:
         target = Path(folder)
         target.mkdir(parents=True, exist_ok=True)
         for file in info.files:
+            if file.name not in CLASSIFIER_FILES:  # never write where a (mistaken) server says
+                raise MustClientError(f"the service named an unexpected classifier file {file.name!r}")
             self.control.download(
                 self._file_url(info.adaptation_id, file, via_api), target / file.name, file.sha256
             )
