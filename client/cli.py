@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,14 @@ from client.http import (
     ServiceUnreachable,
     Unauthorized,
 )
-from client.progress import JobProgressBar, describe_job, evaluation_table, job_row, metrics_table
+from client.progress import (
+    CountProgress,
+    JobProgressBar,
+    describe_job,
+    evaluation_table,
+    job_row,
+    metrics_table,
+)
 from client.upload import plan_upload, upload
 from services.jobs.states import JobStatus
 
@@ -102,6 +110,8 @@ def _add_adapt(commands: Any) -> None:
     )
     p.add_argument("--poll", type=float, default=2.0, help="seconds between progress checks (default 2)")
     p.add_argument("--json", action="store_true", help="print the job as JSON")
+    p.add_argument("--name", help="a name to find the job by (must list --name)")
+    p.add_argument("--tag", dest="tags", action="append", metavar="TAG", help="a tag (repeat for more)")
     p.set_defaults(run=cmd_adapt)
 
 
@@ -128,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("list", help="list jobs, newest first")
     p.add_argument("--status", choices=[s.value for s in JobStatus])
+    p.add_argument("--name", help="only jobs with this exact name")
+    p.add_argument("--tag", help="only jobs with this tag")
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_list)
@@ -145,6 +157,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("cancel", help="cancel a job")
     p.add_argument("id")
     p.set_defaults(run=cmd_cancel)
+
+    p = commands.add_parser("delete", help="delete a job with its classifier and checkpoints")
+    p.add_argument("id")
+    p.set_defaults(run=cmd_delete)
+
+    p = commands.add_parser("download", help="download a succeeded job's classifier into a folder")
+    p.add_argument("id")
+    p.add_argument("folder", type=Path)
+    p.add_argument(
+        "--via-api", action="store_true", help="stream through the control API, not from the object store"
+    )
+    p.set_defaults(run=cmd_download)
+
+    p = commands.add_parser(
+        "export", help="download a job's classifier and convert it (ONNX) on this machine"
+    )
+    p.add_argument("id")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="only onnx for now (the default)")
+    p.add_argument("--out", type=Path, default=None, help="output file (default: ID.onnx)")
+    p.add_argument("--via-api", action="store_true", help="download through the control API")
+    p.set_defaults(run=cmd_export)
 
     p = commands.add_parser("predict", help="classify images with an adapted classifier")
     p.add_argument("id", help="a succeeded adaptation's id")
@@ -197,6 +230,8 @@ def cmd_adapt(must: MustClient, args: argparse.Namespace) -> int:
         max_images=args.max_images,
         eval_uri=args.eval_uri,
         class_descriptions=args.descriptions,
+        name=args.name,
+        tags=args.tags,
     )
     if args.wait:
         print(f"submitted adaptation {job.id}", file=sys.stderr)
@@ -223,7 +258,7 @@ def cmd_status(must: MustClient, args: argparse.Namespace) -> int:
 
 def cmd_list(must: MustClient, args: argparse.Namespace) -> int:
     """A table of jobs, newest first."""
-    page = must.list_adaptations(status=args.status, limit=args.limit)
+    page = must.list_adaptations(status=args.status, limit=args.limit, name=args.name, tag=args.tag)
     if args.json:
         print(page.model_dump_json(indent=2))
         return EXIT_OK
@@ -273,9 +308,43 @@ def cmd_cancel(must: MustClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _format_predictions(name: str, predictions: list[dict[str, Any]]) -> str:
-    labels = ", ".join(f"{p['label']} {p['probability']:.3f}" for p in predictions)
-    return f"{name}: {labels}"
+def cmd_delete(must: MustClient, args: argparse.Namespace) -> int:
+    """Delete the job and everything it stored."""
+    must.delete(args.id)
+    print(f"{args.id}: deleted")
+    return EXIT_OK
+
+
+def cmd_download(must: MustClient, args: argparse.Namespace) -> int:
+    """Download the classifier's files, each checked against its sha256."""
+    info = must.download(args.id, args.folder, via_api=args.via_api)
+    for file in info.files:
+        print(f"{args.folder / file.name}  {file.size} bytes  sha256 {file.sha256}")
+    return EXIT_OK
+
+
+def cmd_export(must: MustClient, args: argparse.Namespace) -> int:
+    """Download the classifier into a temporary folder and convert it here (needs torch and onnx)."""
+    try:
+        from services.must.onnx_export import export_onnx_from_dir
+    except ImportError as exc:
+        raise MustClientError(
+            f"export runs the model on this machine and needs torch and onnx ({exc.name} is missing): "
+            "pip install -e '.[ml,onnx]'"
+        ) from None
+    out = args.out or Path(f"{args.id}.{args.format}")
+    with tempfile.TemporaryDirectory(prefix="must-export-") as folder:
+        info = must.download(args.id, folder, via_api=args.via_api)
+        export_onnx_from_dir(Path(folder), out)
+    print(f"{out}: ONNX classifier of adaptation {info.adaptation_id} (weights sha256 {info.sha256})")
+    return EXIT_OK
+
+
+def _format_predictions(name: str, result: dict[str, Any]) -> str:
+    if result.get("error"):
+        return f"{name}: rejected ({result['error']['reason']}): {result['error']['message']}"
+    labels = ", ".join(f"{p['label']} {p['probability']:.3f}" for p in result["predictions"])
+    return f"{name}: {'abstained; ' if result.get('abstained') else ''}{labels}"
 
 
 def cmd_predict(must: MustClient, args: argparse.Namespace) -> int:
@@ -286,16 +355,16 @@ def cmd_predict(must: MustClient, args: argparse.Namespace) -> int:
         raise MustClientError(f"no such file: {', '.join(missing)}")
     uploaded = iter(must.predict_files(args.id, local, top_k=args.top_k)) if local else iter(())
     results = []
+    keep = ("label", "abstained", "predictions", "error")
     for image in args.images:
-        if image.startswith("s3://"):
-            answer = must.predict_url(args.id, image, top_k=args.top_k)
-            results.append({"image": image, "predictions": answer["predictions"]})
-        else:
-            results.append({"image": image, "predictions": next(uploaded)["predictions"]})
-    for result in results:
-        print(
-            json.dumps(result) if args.json else _format_predictions(result["image"], result["predictions"])
+        answer = (
+            must.predict_url(args.id, image, top_k=args.top_k)
+            if image.startswith("s3://")
+            else next(uploaded)
         )
+        results.append({"image": image} | {key: answer.get(key) for key in keep})
+    for result in results:
+        print(json.dumps(result) if args.json else _format_predictions(result["image"], result))
     return EXIT_OK
 
 
@@ -310,12 +379,14 @@ def cmd_upload(_: MustClient, args: argparse.Namespace) -> int:
     if not plan.items:
         raise MustClientError(f"no image files under {str(args.folder)!r}")
     s3 = boto3.client("s3", endpoint_url=args.endpoint_url)
-    from tqdm import tqdm
-
-    with tqdm(total=len(plan.items), unit="file", desc="upload", file=sys.stderr) as bar:
-        count = upload(plan, s3, workers=args.workers, on_done=lambda _: bar.update())
-    skipped = f" ({plan.skipped} non-image files left out)" if plan.skipped else ""
-    print(f"uploaded {count} images to {args.uri}{skipped}")
+    bar = CountProgress(len(plan.items), "file")
+    try:
+        count, unchanged = upload(plan, s3, workers=args.workers, on_done=lambda _: bar.update())
+    finally:
+        bar.close()
+    notes = [f"{unchanged} already there with the same size and checksum"] if unchanged else []
+    notes += [f"{plan.skipped} non-image files left out"] if plan.skipped else []
+    print(f"uploaded {count} images to {args.uri}" + (f" ({'; '.join(notes)})" if notes else ""))
     return EXIT_OK
 
 

@@ -14,6 +14,9 @@ carrying the service's own explanation when it answers with an error status.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -27,6 +30,8 @@ from services.jobs.states import TERMINAL_STATUSES
 from services.schemas.jobs import (
     AdaptationPublic,
     AdaptationsPage,
+    ArtifactDownload,
+    ArtifactFile,
     EvaluationReport,
     LogLine,
     LogsPage,
@@ -37,6 +42,8 @@ DEFAULT_API_URL = "http://127.0.0.1:8000"
 DEFAULT_INFERENCE_URL = "http://127.0.0.1:8001"
 CONTROL = "control API"
 INFERENCE = "inference service"
+# The files of an exported classifier (services.storage.keys.CLASSIFIER_FILES), the only names written.
+CLASSIFIER_FILES = ("model.safetensors", "manifest.json")
 # Files sent per POST /predict: enough to fill the service's micro-batches, small enough to stream.
 UPLOAD_BATCH = 32
 
@@ -136,6 +143,38 @@ class _Service:
             raise ServiceUnreachable(self.name, self.url, str(exc) or type(exc).__name__) from exc
         return check(self.name, response)
 
+    def download(self, url: str, target: Path, sha256: str) -> None:
+        """GET `url` (a path of this service, or an absolute presigned URL, sent without the API key)
+        into `target`, which appears only once its bytes match `sha256`."""
+        presigned = url.startswith(("http://", "https://"))
+        name = "object store" if presigned else self.name
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+        digest = hashlib.sha256()
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                # A presigned URL carries its own signature: an Authorization header would void it.
+                client = httpx.Client(timeout=self.http.timeout) if presigned else self.http
+                try:
+                    with client.stream("GET", url) as response:
+                        if not response.is_success:
+                            response.read()
+                        check(name, response)
+                        for chunk in response.iter_bytes(1 << 20):
+                            digest.update(chunk)
+                            fh.write(chunk)
+                finally:
+                    if presigned:
+                        client.close()
+            if digest.hexdigest() != sha256:
+                raise MustClientError(
+                    f"{target.name}: the downloaded bytes have sha256 {digest.hexdigest()}, expected {sha256}"
+                )
+            os.replace(tmp, target)
+        except httpx.TransportError as exc:
+            raise ServiceUnreachable(name, url.split("?")[0], str(exc) or type(exc).__name__) from exc
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
 
 class MustClient:
     """Both services of one deployment, with one API key."""
@@ -186,6 +225,8 @@ class MustClient:
         eval_uri: str | None = None,
         class_descriptions: dict[str, str] | None = None,
         idempotency_key: str | None = None,
+        name: str | None = None,
+        tags: Sequence[str] | None = None,
     ) -> AdaptationPublic:
         """Submit an adaptation of `model` (the service's default if None) to the images at `dataset_uri`."""
         dataset: dict[str, Any] = {"uri": dataset_uri}
@@ -196,7 +237,9 @@ class MustClient:
             "templates": templates,
             "hparams": hparams,
             "class_descriptions": class_descriptions,
+            "name": name,
         }
+        optional["tags"] = list(tags) if tags else None
         request: dict[str, Any] = {"class_names": list(class_names), "dataset": dataset}
         request |= {key: value for key, value in optional.items() if value is not None}
         if eval_uri is not None:
@@ -209,12 +252,18 @@ class MustClient:
         return AdaptationPublic.model_validate(response.json())
 
     def list_adaptations(
-        self, *, status: str | None = None, limit: int = 50, offset: int = 0
+        self,
+        *,
+        status: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        name: str | None = None,
+        tag: str | None = None,
     ) -> AdaptationsPage:
-        """GET /adaptations, newest first."""
+        """GET /adaptations, newest first, filtered by status, exact name and tag when given."""
         params: dict[str, Any] = {"limit": limit, "offset": offset}
-        if status:
-            params["status"] = status
+        filters = {"status": status, "name": name, "tag": tag}
+        params |= {key: value for key, value in filters.items() if value}
         response = self.control.request("GET", "/adaptations", params=params)
         return AdaptationsPage.model_validate(response.json())
 
@@ -222,6 +271,35 @@ class MustClient:
         """POST /adaptations/{id}/cancel."""
         response = self.control.request("POST", f"/adaptations/{adaptation_id}/cancel")
         return AdaptationPublic.model_validate(response.json())
+
+    def delete(self, adaptation_id: str) -> None:
+        """DELETE /adaptations/{id}: the job, its classifier, checkpoints and metrics (NotFound if gone;
+        Conflict while it runs: cancel it and wait for it to stop first)."""
+        self.control.request("DELETE", f"/adaptations/{adaptation_id}")
+
+    def artifact(self, adaptation_id: str) -> ArtifactDownload:
+        """GET /adaptations/{id}/artifact: the classifier's files, their sizes, sha256 and download URLs."""
+        response = self.control.request("GET", f"/adaptations/{adaptation_id}/artifact")
+        return ArtifactDownload.model_validate(response.json())
+
+    def download(self, adaptation_id: str, folder: Path | str, *, via_api: bool = False) -> ArtifactDownload:
+        """Download a succeeded job's classifier into `folder` (model.safetensors, manifest.json), each
+        file checked against its sha256; `via_api` streams through the control API instead of presigned
+        URLs (for an object store your machine cannot reach)."""
+        info = self.artifact(adaptation_id)
+        target = Path(folder)
+        target.mkdir(parents=True, exist_ok=True)
+        for file in info.files:
+            if file.name not in CLASSIFIER_FILES:  # never write where a (mistaken) server says
+                raise MustClientError(f"the service named an unexpected classifier file {file.name!r}")
+            self.control.download(
+                self._file_url(info.adaptation_id, file, via_api), target / file.name, file.sha256
+            )
+        return info
+
+    @staticmethod
+    def _file_url(adaptation_id: str, file: ArtifactFile, via_api: bool) -> str:
+        return f"/adaptations/{adaptation_id}/artifact/{file.name}" if via_api else file.url
 
     def metrics(self, adaptation_id: str, *, since_step: int = 0, limit: int = 1000) -> MetricsPage:
         """GET /adaptations/{id}/metrics: the job's metric history."""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import sys
+import threading
+import time
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TextIO
 
 from tqdm import tqdm
 
@@ -156,15 +158,30 @@ def job_row(job: AdaptationPublic) -> tuple[str, str, str, str, str]:
 
 
 class JobProgressBar:
-    """A tqdm bar on stderr fed with each polled job: phase, step/total, images/s, ETA, confident share."""
+    """Each polled job on stderr: phase, step/total, images/s, ETA and the confident share.
 
-    def __init__(self, *, enabled: bool = True) -> None:
+    On a terminal, a tqdm bar showing the service's rate and ETA only (tqdm's own would be a second,
+    different pair); otherwise (a pipe, a CI log) a plain line at most every `interval` seconds, and
+    whenever the phase or status changes, so logs get neither carriage returns nor a flood.
+    """
+
+    def __init__(self, *, enabled: bool = True, stream: TextIO | None = None, interval: float = 10.0) -> None:
         self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self.interval = interval
         self._bar: tqdm[Any] | None = None
+        self._last: tuple[float, str] | None = None  # when the last plain line was printed, its state
 
     def __enter__(self) -> Self:
-        if self.enabled:
-            self._bar = tqdm(total=None, unit="step", file=sys.stderr, dynamic_ncols=True, desc="queued")
+        if self.enabled and self.stream.isatty():
+            self._bar = tqdm(
+                total=None,
+                unit="step",
+                file=self.stream,
+                dynamic_ncols=True,
+                desc="queued",
+                bar_format=BAR_FORMAT,
+            )
         return self
 
     def __exit__(
@@ -175,21 +192,92 @@ class JobProgressBar:
 
     def update(self, job: AdaptationPublic) -> None:
         """Show where `job` is now (the service measures rate and ETA; the bar only displays them)."""
-        bar = self._bar
-        if bar is None:
+        if not self.enabled:
             return
+        state = job.phase.value if job.phase and job.status == "running" else job.status.value
+        if self._bar is None:
+            self._plain_line(job, state)
+            return
+        bar = self._bar
         progress = job.progress
         if progress.total_steps and bar.total != progress.total_steps:
             bar.reset(total=progress.total_steps)
         bar.n = progress.step
-        bar.set_description(job.phase.value if job.phase and job.status == "running" else job.status.value)
-        postfix = []
-        if progress.images_per_sec is not None:
-            postfix.append(f"{progress.images_per_sec:.1f} img/s")
-        if progress.eta_seconds is not None and job.status == "running":
-            postfix.append(f"ETA {format_seconds(progress.eta_seconds)}")
-        confident = (job.latest_metrics or {}).get(CONFIDENT)
-        if isinstance(confident, int | float):
-            postfix.append(f"confident {confident:.0%}")
-        bar.set_postfix_str(", ".join(postfix), refresh=False)
+        bar.set_description(state)
+        bar.set_postfix_str(", ".join(_rate_eta_confident(job)), refresh=False)
         bar.refresh()
+
+    def _plain_line(self, job: AdaptationPublic, state: str) -> None:
+        now = time.monotonic()
+        changed = self._last is None or self._last[1] != state
+        if not changed and self._last is not None and now - self._last[0] < self.interval:
+            return
+        progress = job.progress
+        steps = f"{progress.step}/{progress.total_steps} steps" if progress.total_steps else ""
+        if progress.total_steps:
+            steps += f" ({progress.step / progress.total_steps:.0%})"
+        parts = [part for part in (steps, *_rate_eta_confident(job)) if part]
+        print(f"{state}: {', '.join(parts)}" if parts else state, file=self.stream, flush=True)
+        self._last = (now, state)
+
+
+# tqdm's bar without its own rate and ETA: the postfix carries the service's.
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
+
+
+def _rate_eta_confident(job: AdaptationPublic) -> list[str]:
+    """The service's images/s and ETA, and the share of confident pseudo-labels."""
+    progress = job.progress
+    parts = []
+    if progress.images_per_sec is not None:
+        parts.append(f"{progress.images_per_sec:.1f} img/s")
+    if progress.eta_seconds is not None and job.status == "running":
+        parts.append(f"ETA {format_seconds(progress.eta_seconds)}")
+    confident = (job.latest_metrics or {}).get(CONFIDENT)
+    if isinstance(confident, int | float):
+        parts.append(f"confident {confident:.0%}")
+    return parts
+
+
+class CountProgress:
+    """Progress of a count (files uploaded): a tqdm bar on a terminal, else a plain line every
+    `interval` seconds and at the end, each with one rate and one ETA."""
+
+    def __init__(
+        self, total: int, what: str, *, stream: TextIO | None = None, interval: float = 10.0
+    ) -> None:
+        self.total, self.what, self.interval = total, what, interval
+        self.stream = stream or sys.stderr
+        self.done = 0
+        self._lock = threading.Lock()  # upload threads report at once
+        self._start = self._printed = time.monotonic()
+        self._bar = (
+            tqdm(total=total, unit=what, desc="upload", file=self.stream) if self.stream.isatty() else None
+        )
+
+    def update(self, count: int = 1) -> None:
+        """Count `count` more done."""
+        with self._lock:
+            self.done += count
+            if self._bar is not None:
+                self._bar.update(count)
+                return
+            now = time.monotonic()
+            if now - self._printed >= self.interval or self.done == self.total:
+                self._printed = now
+                print(self.line(now - self._start), file=self.stream, flush=True)
+
+    def line(self, elapsed: float) -> str:
+        """`upload: 120/500 files (24%), 35.1 files/s, ETA 0:00:11`."""
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else None
+        share = self.done / self.total if self.total else 1.0
+        return (
+            f"upload: {self.done}/{self.total} {self.what}s ({share:.0%}), {rate:.1f} {self.what}s/s, "
+            f"ETA {format_seconds(eta)}"
+        )
+
+    def close(self) -> None:
+        """Close the bar (a terminal's)."""
+        if self._bar is not None:
+            self._bar.close()

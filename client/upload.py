@@ -8,6 +8,8 @@ https://boto3.amazonaws.com/v1/documentation/api/latest/guide/configuration.html
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,6 +21,8 @@ from services.storage.uri import S3URI, parse_uri
 
 # The extensions the worker lists as images (services.must.data.IMAGE_EXTENSIONS, which loads torch).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+# boto3's default multipart threshold and part size (TransferConfig), which shape the ETag of an upload.
+MULTIPART_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -61,22 +65,53 @@ def plan_upload(folder: Path, uri: str) -> UploadPlan:
     return UploadPlan(location.bucket, items, skipped)
 
 
+def local_etag(path: Path, part_bytes: int = MULTIPART_BYTES) -> str:
+    """The ETag S3 gives this file once boto3 uploads it: the MD5 of its bytes, or, for a file it sends
+    in parts (from `part_bytes` on), the MD5 of the parts' MD5s and `-<parts>`.
+    https://docs.aws.amazon.com/AmazonS3/latest/userguide/checking-object-integrity.html"""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        if size < part_bytes:
+            return hashlib.md5(fh.read(), usedforsecurity=False).hexdigest()
+        parts = [
+            hashlib.md5(chunk, usedforsecurity=False).digest()
+            for chunk in iter(lambda: fh.read(part_bytes), b"")
+        ]
+    return f"{hashlib.md5(b''.join(parts), usedforsecurity=False).hexdigest()}-{len(parts)}"
+
+
+def stored_objects(plan: UploadPlan, s3_client: Any) -> dict[str, tuple[int, str]]:
+    """{key: (size, ETag)} of the objects already under the plan's common prefix (one listing)."""
+    prefix = os.path.commonprefix([key for _, key in plan.items]).rpartition("/")[0]
+    found: dict[str, tuple[int, str]] = {}
+    for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=plan.bucket, Prefix=prefix):
+        for obj in page.get("Contents", ()):
+            found[obj["Key"]] = (int(obj["Size"]), str(obj.get("ETag", "")).strip('"'))
+    return found
+
+
 def upload(
     plan: UploadPlan,
     s3_client: Any,
     *,
     workers: int = 8,
     on_done: Callable[[Path], None] | None = None,
-) -> int:
-    """Upload the plan's files with `workers` threads (boto3 clients are thread-safe); return the count."""
+) -> tuple[int, int]:
+    """Upload the plan's files with `workers` threads (boto3 clients are thread-safe), skipping each
+    whose key already holds an object of the same size and checksum; (uploaded, already there)."""
+    stored = stored_objects(plan, s3_client)
 
-    def put(item: tuple[Path, str]) -> None:
+    def put(item: tuple[Path, str]) -> bool:
         path, key = item
-        s3_client.upload_file(str(path), plan.bucket, key)
+        there = stored.get(key)
+        same = there is not None and there[0] == path.stat().st_size and there[1] == local_etag(path)
+        if not same:
+            s3_client.upload_file(str(path), plan.bucket, key)
         if on_done is not None:
             on_done(path)
+        return not same
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         # list() re-raises the first failure (a missing bucket, refused credentials) here.
-        list(pool.map(put, plan.items))
-    return len(plan.items)
+        sent = sum(pool.map(put, plan.items))
+    return sent, len(plan.items) - sent

@@ -101,6 +101,11 @@ class StorageSettings(BaseModel):
     # Set for MinIO or another S3-compatible server; None means AWS S3 itself.
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
+    # The S3 address clients reach, used only to sign download URLs (GET /adaptations/{id}/artifact)
+    # when the services reach the store at an internal one (compose: http://minio:9000); None: the same.
+    s3_public_endpoint_url: str | None = None
+    # How long a download URL of a classifier stays valid.
+    download_url_seconds: int = Field(default=3600, gt=0, le=7 * 24 * 3600)
 
     @field_validator("artifacts_uri")
     @classmethod
@@ -147,6 +152,9 @@ class WorkerSettings(BaseModel):
     requeue_queued_after_seconds: float = Field(default=300, gt=0)
     # Checkpoints kept in the artifacts store per job (older ones are deleted after each new one).
     keep_checkpoints: int = Field(default=3, ge=1)
+    # Days after a job finishes when the workers' reconciler deletes its checkpoints (the classifier,
+    # manifest and metrics stay); None keeps them until the job is deleted.
+    checkpoint_retention_days: float | None = Field(default=None, gt=0)
     # How long one storage operation of a running job is retried (with backoff) before giving up.
     storage_retry_seconds: float = Field(default=30, ge=0)
     # A job that still cannot reach the store goes back to the queue, to resume from its last

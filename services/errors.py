@@ -28,6 +28,14 @@ class InvalidJobTransition(DomainError):
         self.old, self.new, self.job_id = old, new, job_id
 
 
+class JobBusy(DomainError):
+    """The job is running, so the requested change (deleting it) must wait until it stops."""
+
+
+class ArtifactNotReady(DomainError):
+    """The job has not succeeded, so it has no classifier (yet) to download."""
+
+
 class ArtifactMissing(DomainError):
     """The job has no usable artifact yet (not finished, or the stored files are gone)."""
 

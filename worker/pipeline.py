@@ -40,7 +40,7 @@ from services.must.checkpoint import LATEST, CheckpointFiles, read_latest
 from services.must.config import MustConfig
 from services.must.errors import Cancelled, CheckpointError, ConfigError, ModelLoadError, MustError
 from services.must.export import MANIFEST, WEIGHTS, Manifest
-from services.must.loading import ModelSpec
+from services.must.loading import ModelSpec, pretrained_file, resolve_model_config
 from services.must.trainer import FitResult, TrainerHooks
 from services.schemas.jobs import AdaptationCreate
 from services.storage import keys
@@ -149,6 +149,21 @@ def _local_model_file(location: str | None, ctx: JobContext) -> str | None:
         raise  # the store is away, the file may well be fine: the job goes back to the queue
     except StorageError as exc:
         raise ModelLoadError(f"cannot download the model file {location}: {exc}") from exc
+
+
+def _check_weights(ctx: JobContext, request: AdaptationCreate) -> None:
+    """Fail fast, before any image is listed, when a pretrained tag's weights cannot be had here."""
+    model = request.model
+    if model.pretrained is None or model.checkpoint is not None or model.config is not None:
+        return
+    spec = ModelSpec(
+        arch=model.arch,
+        pretrained=model.pretrained,
+        allow_download=ctx.settings.models.allow_downloads,
+        download_timeout=ctx.settings.models.download_timeout_seconds,
+    )
+    resolve_model_config(spec)  # an unknown architecture is named as such, not as a missing tag
+    pretrained_file(spec)  # cached: a lookup; else one bounded download, or WeightsUnavailable
 
 
 def _stage_dataset(ctx: JobContext, request: AdaptationCreate) -> StagedImages:
@@ -347,6 +362,7 @@ def _evaluate(
 def _run(ctx: JobContext, lost: threading.Event) -> None:
     """Every phase of the job, ending with the job marked succeeded."""
     request = _read_request(ctx)
+    _check_weights(ctx, request)
     staged = _stage_dataset(ctx, request)
     eval_set = _stage_eval_set(ctx, request)
     run = _start(ctx, request, staged)

@@ -9,6 +9,7 @@ Every worker process runs `reconcile` in a background thread:
 - `resend_lost_messages`: a queued job whose message was sent more than
   `worker.requeue_queued_after_seconds` ago and that the broker no longer holds (a Redis restart
   without persistence loses every queued message) gets its message again.
+- housekeeping passes given by the caller, such as `worker.store_care.expire_checkpoints`.
 
 No job runs twice: several workers reconciling at once each claim a job with a conditional
 update that only one wins, a duplicate message finds the job's lease held (or the job finished)
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 from kombu.exceptions import KombuError
@@ -28,6 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.db.types import utcnow
+from services.errors import StorageError
 from services.jobs import repository
 from worker.broker import task_ids_in_broker
 from worker.celery_app import GPU_QUEUE, TRAIN_TASK
@@ -98,10 +100,12 @@ def start_reconciler(
     *,
     resend_after_seconds: float | None = None,
     in_broker: BrokerContents = lambda: None,
+    housekeeping: Sequence[Callable[[], object]] = (),
 ) -> threading.Thread:
     """Reconcile now and then every `every_seconds` in a daemon thread until `stop`.
 
-    With `resend_after_seconds`, lost messages of queued jobs are sent again too.
+    With `resend_after_seconds`, lost messages of queued jobs are sent again too; each of
+    `housekeeping` (e.g. expiring old checkpoints) runs once per pass after that.
     """
     stop = stop or threading.Event()
 
@@ -113,7 +117,9 @@ def start_reconciler(
                     resend_lost_messages(
                         session_factory, queue_send, after_seconds=resend_after_seconds, in_broker=in_broker
                     )
-            except (SQLAlchemyError, KombuError, RedisError, OSError) as exc:
+                for chore in housekeeping:
+                    chore()
+            except (SQLAlchemyError, KombuError, RedisError, OSError, StorageError) as exc:
                 # The database or broker may be briefly away; the next pass tries again.
                 log.warning("reconciler pass failed: %s", exc)
             if stop.wait(every_seconds):

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from celery.signals import (
+    celeryd_after_setup,
     celeryd_init,
     setup_logging,
     task_postrun,
@@ -58,9 +59,27 @@ def job_outcome(job_id: str) -> str:
 
 
 @celeryd_init.connect
-def _configure_logging_early(options: dict[str, Any] | None = None, **_: Any) -> None:
-    """The `celery worker` command's first hook: from here on, even start-up warnings are log lines."""
-    configure_logging((options or {}).get("loglevel") or logging.INFO, get_settings().log_format)
+def _configure_logging_early(options: dict[str, Any] | None = None, instance: Any = None, **_: Any) -> None:
+    """The `celery worker` command's first hook: from here on, even start-up warnings are log lines.
+
+    With JSON logs, the worker's start-up banner (plain text on stdout, which breaks `jq`) is turned
+    off, as `--quiet` would; `_log_banner` logs what it says as one JSON line instead.
+    """
+    log_format = get_settings().log_format
+    configure_logging((options or {}).get("loglevel") or logging.INFO, log_format)
+    if log_format == "json" and instance is not None:
+        instance.quiet = True
+
+
+@celeryd_after_setup.connect
+def _log_banner(sender: str | None = None, instance: Any = None, **_: Any) -> None:
+    """The banner's facts (broker, queues, concurrency) as one log line when the banner is off."""
+    if instance is not None and getattr(instance, "quiet", False):
+        try:
+            info = instance.startup_info(artlines=False)
+        except Exception as exc:  # informational only: never stop a worker over it
+            info = f"(startup info unavailable: {type(exc).__name__})"
+        log.info("celery worker %s starting", sender, extra={"startup": " ".join(str(info).split())})
 
 
 @setup_logging.connect

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import os
 import socket
-from functools import cache
+from collections.abc import Callable
+from functools import cache, partial
 
 from celery import Task
 from celery.signals import worker_ready
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.config import get_settings
+from services.config import Settings, get_settings
 from services.db.session import make_engine, make_session_factory
 from services.schemas.jobs import TrainJobMessage
+from services.storage.object_store import open_store
 from worker.celery_app import TRAIN_TASK, celery_app
 from worker.pipeline import run_training_job
 from worker.reconcile import broker_contents, send_job, start_reconciler
+from worker.store_care import expire_checkpoints
 
 
 @cache
@@ -46,4 +49,14 @@ def _start_reconciler(**_: object) -> None:
         settings.worker.reconcile_every_seconds,
         resend_after_seconds=after,
         in_broker=broker_contents(settings.broker.url, after),
+        housekeeping=_housekeeping(settings),
     )
+
+
+def _housekeeping(settings: Settings) -> list[Callable[[], object]]:
+    """The reconciler's extra passes: expiring finished jobs' checkpoints when a retention is set."""
+    days = settings.worker.checkpoint_retention_days
+    if days is None:
+        return []
+    store, prefix = open_store(settings.storage.artifacts_uri, settings, create=True)
+    return [partial(expire_checkpoints, session_factory(), store, prefix, retention_days=days)]

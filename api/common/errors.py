@@ -21,11 +21,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.errors import (
     ArtifactMissing,
+    ArtifactNotReady,
     BucketNotFound,
     DomainError,
     EvalSetError,
     InvalidJobTransition,
     InvalidRequest,
+    JobBusy,
     JobNotFound,
     ObjectNotFound,
     ObjectTooLarge,
@@ -46,6 +48,8 @@ STATUS_BY_ERROR: dict[type[DomainError], HTTPStatus] = {
     ArtifactMissing: HTTPStatus.NOT_FOUND,
     ObjectNotFound: HTTPStatus.NOT_FOUND,
     InvalidJobTransition: HTTPStatus.CONFLICT,
+    JobBusy: HTTPStatus.CONFLICT,
+    ArtifactNotReady: HTTPStatus.CONFLICT,
     ObjectTooLarge: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
     RequestTooLarge: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
     InvalidRequest: HTTPStatus.UNPROCESSABLE_ENTITY,

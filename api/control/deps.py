@@ -30,6 +30,7 @@ class StoreOpener:
     def __init__(self, settings: Settings, *, s3_client: Any | None = None) -> None:
         self.settings = settings
         self._s3_client = s3_client
+        self._signer: Any | None = None
         self._lock = threading.Lock()
 
     def _client(self) -> Any:
@@ -37,6 +38,17 @@ class StoreOpener:
             if self._s3_client is None:
                 self._s3_client = make_s3_client(self.settings.storage)
             return self._s3_client
+
+    def signing_client(self) -> Any | None:
+        """The client that signs download URLs for `storage.s3_public_endpoint_url` (None: not set)."""
+        public = self.settings.storage.s3_public_endpoint_url
+        if public is None:
+            return None
+        with self._lock:
+            if self._signer is None:
+                storage = self.settings.storage.model_copy(update={"s3_endpoint_url": public})
+                self._signer = make_s3_client(storage)
+            return self._signer
 
     def __call__(self, uri: str | StorageURI, *, create: bool = False) -> tuple[ObjectStore, str]:
         """The store holding `uri` and the key (or key prefix) inside it, as `open_store` returns."""

@@ -21,10 +21,11 @@ from api.common import health, metrics
 from api.common.auth import API_KEY, install_auth
 from api.common.errors import SECURED_ERRORS, error_responses, register_exception_handlers
 from api.common.limits import BodySizeLimit
+from api.common.logs import use_json_logs
 from api.control.dashboard import mount_dashboard
 from api.control.deps import StoreOpener
 from api.control.queue import CeleryJobQueue, JobQueue
-from api.control.routes import adaptations, samples
+from api.control.routes import adaptations, artifacts, samples
 from services.config import Settings, get_settings
 from services.db.migrate import upgrade
 from services.db.session import make_engine, make_session_factory
@@ -91,6 +92,7 @@ def _readiness_checks(
 def create_app(settings: Settings | None = None, *, queue: JobQueue | None = None) -> FastAPI:
     """Build the control-plane app; `settings` default to the environment, `queue` to Celery."""
     settings = settings or get_settings()
+    use_json_logs(settings)
     app = FastAPI(
         title=TITLE,
         version=_version(),
@@ -116,6 +118,7 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
     app.include_router(health.router)
     app.include_router(metrics.router, dependencies=[API_KEY], responses=error_responses(*SECURED_ERRORS))
     app.include_router(adaptations.router, dependencies=[API_KEY], responses=error_responses(*SECURED_ERRORS))
+    app.include_router(artifacts.router, dependencies=[API_KEY], responses=error_responses(*SECURED_ERRORS))
     app.include_router(samples.router, dependencies=[API_KEY], responses=error_responses(*SECURED_ERRORS))
     mount_dashboard(app)
     return app

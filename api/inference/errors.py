@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 from typing import Any
 
@@ -33,7 +34,40 @@ class ImageRejected(DomainError):
 
     def __init__(self, filename: str, reason: str, message: str) -> None:
         super().__init__(f"image {filename!r} was rejected ({reason}): {message}")
-        self.filename, self.reason = filename, reason
+        self.filename, self.reason, self.detail = filename, reason, message
+
+
+class NoUsableImages(DomainError):
+    """Every file of a multi-file request was rejected: nothing to classify."""
+
+    def __init__(self, rejected: list[ImageRejected]) -> None:
+        super().__init__(
+            f"none of the {len(rejected)} files is a usable image; each file's reason is in `files`"
+        )
+        self.rejected = rejected
+
+
+# What each decode_image reason means, in words for the caller.
+_REASONS = {
+    "not_an_image": "not an image in a supported format (JPEG, PNG, WebP, GIF, BMP, TIFF)",
+    "unreadable": "an image file that cannot be decoded (truncated or corrupt)",
+    "too_large": "larger than the per-image byte limit (MUST_LIMITS__MAX_OBJECT_BYTES)",
+    "too_many_pixels": "more pixels than the per-image limit (MUST_LIMITS__MAX_IMAGE_PIXELS)",
+}
+# Python object reprs (`<_io.BytesIO object at 0x7f...>`) that library messages quote.
+_OBJECT_REPR = re.compile(r"<[^<>]*\bat 0x[0-9a-fA-F]+>")
+
+
+def public_reason(error: Exception) -> str:
+    """A decode failure as a sentence for clients: the reason in words, plus the library's detail
+    when it carries one, with any Python object repr taken out."""
+    reason = str(getattr(error, "reason", "unreadable"))
+    words = _REASONS.get(reason, reason.replace("_", " "))
+    detail = str(error).removeprefix(f"{reason}: ").removeprefix(reason)
+    detail = _OBJECT_REPR.sub("the file", detail).strip()
+    if not detail or reason == "not_an_image":
+        return words
+    return f"{words} ({detail[:200]})"
 
 
 def _not_ready(request: Request, exc: Exception) -> JSONResponse:
@@ -55,6 +89,16 @@ def _image_rejected(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(status_code=code, content=content)
 
 
+def _no_usable_images(request: Request, exc: Exception) -> JSONResponse:
+    """422, or 413 when every file was only too large."""
+    assert isinstance(exc, NoUsableImages)
+    too_large = all(error.reason in TOO_LARGE_REASONS for error in exc.rejected)
+    code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE if too_large else HTTPStatus.UNPROCESSABLE_ENTITY
+    files = [{"filename": e.filename, "reason": e.reason, "message": e.detail} for e in exc.rejected]
+    content = {"detail": exc.message, "error": type(exc).__name__, "files": files}
+    return JSONResponse(status_code=code, content=content)
+
+
 def _field_error(error: dict[str, Any]) -> dict[str, str]:
     loc = ".".join(str(part) for part in error.get("loc", ()))
     return {"field": loc, "msg": str(error.get("msg", "")), "type": str(error.get("type", ""))}
@@ -72,4 +116,5 @@ def register_inference_errors(app: FastAPI) -> None:
     register_exception_handlers(app)
     app.add_exception_handler(AdaptationNotReady, _not_ready)
     app.add_exception_handler(ImageRejected, _image_rejected)
+    app.add_exception_handler(NoUsableImages, _no_usable_images)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -22,6 +22,7 @@ from api.common import health, metrics
 from api.common.auth import API_KEY, install_auth
 from api.common.errors import SECURED_ERRORS, error_responses
 from api.common.limits import BodySizeLimit
+from api.common.logs import use_json_logs
 from api.inference import routes
 from api.inference.deps import ImageReader
 from api.inference.errors import register_inference_errors
@@ -111,6 +112,7 @@ def create_app(
 ) -> FastAPI:
     """Build the inference app; `settings` default to the environment, the store to `artifacts_uri`."""
     settings = settings or get_settings()
+    use_json_logs(settings)
     app = FastAPI(title=TITLE, description=DESCRIPTION, lifespan=_lifespan(options or ServingOptions()))
     engine = make_engine(settings.database.url)
     reader = ImageReader(settings)

@@ -26,9 +26,10 @@ import torch
 from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.inference.errors import AdaptationNotReady, ImageRejected, WeightsNotAvailable
+from api.inference.errors import AdaptationNotReady, ImageRejected, WeightsNotAvailable, public_reason
 from api.inference.memory import release_freed_memory
 from api.inference.pixels import PixelSteps, normalize, pixel_steps, to_uint8
+from services.db.models import Job
 from services.errors import ArtifactMissing, InvalidRequest, JobNotFound, RequestTooLarge
 from services.jobs import repository
 from services.jobs.states import JobStatus
@@ -76,6 +77,8 @@ class ServedModel:
     description: dict[str, Any]
     adaptation_id: str | None = None
     artifact_sha256: str | None = None
+    # The job's default abstain threshold (`min_probability` of its request), if it set one.
+    min_probability: float | None = None
     # Worked out once per loaded model, not per request.
     pixels: PixelSteps | None = field(init=False)
 
@@ -127,14 +130,22 @@ class ClassifierCache:
         """The classifier of a succeeded adaptation (of `tenant`; None: any), at the job row's version."""
         job_id = canonical_job_id(adaptation_id)
         with self.session_factory() as session:
-            job = repository.get_job(session, job_id, tenant=tenant)
+            try:
+                job = repository.get_job(session, job_id, tenant=tenant)
+            except JobNotFound:
+                if session.get(Job, job_id) is None:
+                    self.forget(job_id)  # deleted: free its memory and its files on disk
+                raise
             status, sha, owner = job.status, job.artifact_sha256, job.tenant
+            threshold = (job.request or {}).get("min_probability")
         if status != JobStatus.SUCCEEDED or not sha:
             raise AdaptationNotReady(job_id, str(status))
         checked_at = time.monotonic()
         previous = self.peek(job_id)
         served = self._load_once(
-            job_id, lambda: self._load_adapted(job_id, sha), accept=lambda s: s.artifact_sha256 == sha
+            job_id,
+            lambda: self._load_adapted(job_id, sha, threshold),
+            accept=lambda s: s.artifact_sha256 == sha,
         )
         with self._lock:
             self._confirmed[job_id] = (checked_at, owner, served)
@@ -160,6 +171,15 @@ class ClassifierCache:
         if tenant is not None and owner != tenant:
             return None
         return served
+
+    def forget(self, job_id: str) -> None:
+        """Drop a deleted adaptation's classifier from memory and its downloaded files from disk."""
+        with self._lock:
+            dropped = self._models.pop(job_id, None)
+            self._confirmed.pop(job_id, None)
+        shutil.rmtree(self.cache_dir / job_id, ignore_errors=True)
+        if dropped is not None:
+            log.info("adaptation %s was deleted; dropped its classifier from the cache", job_id)
 
     def peek(self, key: str) -> ServedModel | None:
         """The loaded model under `key`, without loading anything (and without waiting for a load)."""
@@ -212,7 +232,7 @@ class ClassifierCache:
             self._confirmed.pop(evicted, None)
             log.info("evicted classifier %s from the cache", evicted)
 
-    def _load_adapted(self, job_id: str, sha: str) -> ServedModel:
+    def _load_adapted(self, job_id: str, sha: str, min_probability: float | None = None) -> ServedModel:
         model_dir = self._download(job_id, sha)
         try:
             classifier = load_classifier(model_dir, self.device)
@@ -230,7 +250,7 @@ class ClassifierCache:
             "network": manifest.network,
             "created_at": manifest.created_at,
         }
-        return ServedModel(job_id, classifier, description, job_id, sha)
+        return ServedModel(job_id, classifier, description, job_id, sha, min_probability)
 
     def _download(self, job_id: str, sha: str) -> Path:
         """The artifact's local folder, downloaded (manifest first, to detect a concurrent republish)."""
@@ -481,13 +501,18 @@ class Predictor:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._loads, self.cache.zero_shot, request)
 
-    async def decode(self, model: ServedModel, images: Sequence[tuple[str, bytes]]) -> torch.Tensor:
-        """Decode and preprocess named image bytes off the event loop; ImageRejected names a bad one."""
+    async def decode(
+        self, model: ServedModel, images: Sequence[tuple[str, bytes]]
+    ) -> tuple[torch.Tensor | None, list[ImageRejected | None]]:
+        """Decode and preprocess named image bytes off the event loop: the pixels of the usable images
+        (None if there is none) and, for each image in order, why it was rejected (None: used)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self._preprocess, model, images)
 
-    def _preprocess(self, model: ServedModel, images: Sequence[tuple[str, bytes]]) -> torch.Tensor:
-        """Pixels of every image, each decoded (reduced where it is large) and preprocessed in turn.
+    def _preprocess(
+        self, model: ServedModel, images: Sequence[tuple[str, bytes]]
+    ) -> tuple[torch.Tensor | None, list[ImageRejected | None]]:
+        """Pixels of every usable image, each decoded (reduced where it is large) and preprocessed in turn.
 
         The pixel budget is checked on the headers before anything is decoded, and an image is
         brought to the model's input size before the next one is decoded, so a request holds at
@@ -496,11 +521,21 @@ class Predictor:
         """
         pixels = self._check_pixel_budget(images)
         side = _input_side(model.classifier)
-        decoded = (self._decode_one(name, data, side) for name, data in images)
+        rejected: list[ImageRejected | None] = [None] * len(images)
+        batch: list[torch.Tensor] = []
         try:
-            if model.pixels is None:
-                return torch.stack([model.classifier.preprocess([image])[0] for image in decoded])
-            return to_uint8(model.pixels, decoded)
+            for i, (name, data) in enumerate(images):
+                try:
+                    image = self._decode_one(name, data, side)
+                except ImageRejected as exc:
+                    rejected[i] = exc
+                    continue
+                if model.pixels is None:
+                    batch.append(model.classifier.preprocess([image]))
+                else:
+                    batch.append(to_uint8(model.pixels, [image]))
+                del image
+            return (torch.cat(batch) if batch else None), rejected
         finally:
             if pixels >= TRIM_AFTER_PIXELS:
                 release_freed_memory()
@@ -511,7 +546,7 @@ class Predictor:
                 data, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels, min_side=side
             )
         except ImageLoadError as exc:
-            raise ImageRejected(name, exc.reason, str(exc)) from None
+            raise ImageRejected(name, exc.reason, public_reason(exc)) from None
 
     def _check_pixel_budget(self, images: Sequence[tuple[str, bytes]]) -> int:
         """The pixels the images' headers add up to; RequestTooLarge beyond what one request may hold."""

@@ -15,6 +15,7 @@ from api.common.auth import PrincipalDep
 from api.common.errors import error_responses
 from api.common.metrics import PredictionSource, record_predictions
 from api.inference.deps import ImageReader, ImageReaderDep, PredictorDep
+from api.inference.errors import ImageRejected, NoUsableImages
 from api.inference.predictor import Arrival, Predictor, ServedModel, ZeroShotRequest
 from services.auth.keys import Principal
 from services.config import Settings
@@ -52,6 +53,13 @@ class ModelFields(BaseModel):
     class_names: str | None = Field(default=None, description="Comma-separated (or a JSON list)")
     templates: str | None = Field(default=None, description='A JSON list of prompts, each with one "{}"')
     top_k: int = Field(default=5, ge=1, le=MAX_TOP_K)
+    min_probability: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Abstain (label null, abstained true) when the top probability is below this; "
+        "omitted: the adaptation's own min_probability, if its job set one",
+    )
 
 
 class PredictResponse(BaseModel):
@@ -60,22 +68,37 @@ class PredictResponse(BaseModel):
     adaptation_id: str | None
     artifact_sha256: str | None
     model: dict[str, Any]
+    min_probability: float | None = Field(description="The abstain threshold applied (null: none)")
+    label: str | None = Field(description="The top label; null when the classifier abstained")
+    abstained: bool = Field(description="The top probability is below min_probability")
     predictions: list[Prediction]
+
+
+class FileError(BaseModel):
+    """Why one uploaded file could not be classified."""
+
+    reason: str = Field(description="not_an_image, unreadable, too_large or too_many_pixels")
+    message: str
 
 
 class FileResult(BaseModel):
-    """The top labels of one uploaded file."""
+    """The top labels of one uploaded file, or why it could not be used."""
 
     filename: str
-    predictions: list[Prediction]
+    label: str | None = Field(default=None, description="The top label; null if abstained or rejected")
+    abstained: bool = False
+    predictions: list[Prediction] = Field(default_factory=list)
+    error: FileError | None = Field(default=None, description="Set when this file was not usable")
 
 
 class BatchPredictResponse(BaseModel):
-    """The top labels of each uploaded file, in upload order."""
+    """The top labels of each uploaded file, in upload order; a file that is not a usable image gets
+    an `error` instead (the request fails only when no file is usable)."""
 
     adaptation_id: str | None
     artifact_sha256: str | None
     model: dict[str, Any]
+    min_probability: float | None = Field(description="The abstain threshold applied (null: none)")
     results: list[FileResult]
 
 
@@ -153,10 +176,34 @@ async def _classify(
     images: list[tuple[str, bytes]],
     top_k: int,
     arrival: Arrival,
-) -> list[list[Prediction]]:
-    pixels = await predictor.decode(served, images)
+) -> list[list[Prediction] | ImageRejected]:
+    """Each image's top labels, or its rejection; raises when no image is usable."""
+    pixels, rejected = await predictor.decode(served, images)
+    if pixels is None:
+        errors = [error for error in rejected if error is not None]
+        raise errors[0] if len(errors) == 1 else NoUsableImages(errors)
     probs = await predictor.predict(served, pixels, arrival)
-    return [[Prediction(**p) for p in row] for row in predictor.encode(served, probs, top_k)]
+    rows = iter(predictor.encode(served, probs, top_k))
+    return [error if error is not None else [Prediction(**p) for p in next(rows)] for error in rejected]
+
+
+def _threshold(fields: ModelFields, served: ServedModel) -> float | None:
+    return fields.min_probability if fields.min_probability is not None else served.min_probability
+
+
+def _label(predictions: list[Prediction], threshold: float | None) -> tuple[str | None, bool]:
+    """The top label, or (None, True) when its probability is below the abstain threshold."""
+    top = predictions[0]
+    if threshold is not None and top.probability < threshold:
+        return None, True
+    return top.label, False
+
+
+def _file_result(name: str, outcome: list[Prediction] | ImageRejected, threshold: float | None) -> FileResult:
+    if isinstance(outcome, ImageRejected):
+        return FileResult(filename=name, error=FileError(reason=outcome.reason, message=outcome.detail))
+    label, abstained = _label(outcome, threshold)
+    return FileResult(filename=name, label=label, abstained=abstained, predictions=outcome)
 
 
 def _source(fields: ModelFields) -> PredictionSource:
@@ -187,8 +234,17 @@ async def predict_url(
         served = await _served(predictor, reader, fields, principal)
         data = await asyncio.to_thread(reader.read, image_url)
         (predictions,) = await _classify(predictor, served, [(image_url, data)], fields.top_k, arrival)
+    assert not isinstance(predictions, ImageRejected)  # a lone unusable image raises instead
     record_predictions(request, _source(fields), 1)
-    return PredictResponse(**_about(served), predictions=predictions)
+    threshold = _threshold(fields, served)
+    label, abstained = _label(predictions, threshold)
+    return PredictResponse(
+        **_about(served),
+        min_probability=threshold,
+        label=label,
+        abstained=abstained,
+        predictions=predictions,
+    )
 
 
 @router.post("/predict", response_model=BatchPredictResponse, responses=_ERRORS, status_code=HTTPStatus.OK)
@@ -214,9 +270,8 @@ async def predict_files(
         images = [
             (upload.filename or f"file-{i}", await upload.read(limit + 1)) for i, upload in enumerate(files)
         ]
-        predictions = await _classify(predictor, served, images, fields.top_k, arrival)
-    record_predictions(request, _source(fields), len(images))
-    results = [
-        FileResult(filename=name, predictions=p) for (name, _), p in zip(images, predictions, strict=True)
-    ]
-    return BatchPredictResponse(**_about(served), results=results)
+        outcomes = await _classify(predictor, served, images, fields.top_k, arrival)
+    threshold = _threshold(fields, served)
+    results = [_file_result(name, o, threshold) for (name, _), o in zip(images, outcomes, strict=True)]
+    record_predictions(request, _source(fields), sum(result.error is None for result in results))
+    return BatchPredictResponse(**_about(served), min_probability=threshold, results=results)

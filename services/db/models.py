@@ -36,6 +36,7 @@ class Job(Base):
         Index("ix_jobs_status_created_at", "status", "created_at"),
         Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),
         Index("ix_jobs_tenant_created_at", "tenant", "created_at"),
+        Index("ix_jobs_tenant_name", "tenant", "name"),
         # An idempotency key names one job of its tenant; two tenants may use the same key.
         UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
     )
@@ -51,6 +52,9 @@ class Job(Base):
     # The project whose API key submitted the job; other tenants' keys cannot see it.
     tenant: Mapped[str] = mapped_column(String(64), default=DEFAULT_TENANT)
     request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # An optional name, and the tags as one string `,a,b,` (see migration 0006 and jobs.repository).
+    name: Mapped[str | None] = mapped_column(String(255))
+    tags: Mapped[str | None] = mapped_column(String(1400))
     num_classes: Mapped[int] = mapped_column(Integer, default=0)
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     celery_task_id: Mapped[str | None] = mapped_column(String(255))

@@ -11,15 +11,15 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, Update, func, literal, or_, select, update
+from sqlalchemy import ColumnElement, CursorResult, Delete, Update, delete, func, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.config import DEFAULT_TENANT
 from services.db.models import Job, JobLogLine, JobMetric, JobPhaseSpan
 from services.db.types import UTCDateTime, utcnow
-from services.errors import InvalidRequest, JobNotFound
-from services.jobs.states import JobPhase, JobStatus, check_transition, sources_of
+from services.errors import InvalidRequest, JobBusy, JobNotFound
+from services.jobs.states import TERMINAL_STATUSES, JobPhase, JobStatus, check_transition, sources_of
 
 # Tracebacks are kept for debugging, not archiving; the tail holds the frame that raised.
 MAX_TRACEBACK_CHARS = 20_000
@@ -48,6 +48,8 @@ def create_job(
         created_at=now,
         phase=JobPhase.QUEUED,
         phases=[JobPhaseSpan(phase=JobPhase.QUEUED, started_at=now)],
+        name=request.get("name"),
+        tags=encode_tags(request.get("tags")),
     )
     session.add(job)
     try:
@@ -60,6 +62,11 @@ def create_job(
             raise
         return _same_request(existing, request)
     return job
+
+
+def encode_tags(tags: list[str] | None) -> str | None:
+    """Tags as the one string the column holds, `,a,b,` (sorted), so `LIKE '%,a,%'` finds tag `a`."""
+    return f",{','.join(sorted(set(tags)))}," if tags else None
 
 
 def _find_by_key(session: Session, tenant: str, key: str) -> Job | None:
@@ -93,17 +100,25 @@ def list_jobs(
     limit: int = 50,
     offset: int = 0,
     tenant: str | None = None,
+    name: str | None = None,
+    tag: str | None = None,
 ) -> tuple[list[Job], int]:
-    """One page of jobs (of `tenant`, or of all), newest first, and the total count matching the filter."""
+    """One page of jobs (of `tenant`, or of all), newest first, and the total count matching the filter
+    (a status, an exact name, a tag the job carries)."""
     where = [Job.status == status] if status is not None else []
     if tenant is not None:
         where.append(Job.tenant == tenant)
+    if name is not None:
+        where.append(Job.name == name)
+    if tag is not None:
+        # autoescape: `_` and `%` in a tag match themselves, not any character.
+        where.append(Job.tags.contains(f",{tag},", autoescape=True))
     total = session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
     page = select(Job).where(*where).order_by(Job.created_at.desc(), Job.id.desc())
     return list(session.scalars(page.limit(limit).offset(offset))), total
 
 
-def _execute(session: Session, stmt: Update) -> int:
+def _execute(session: Session, stmt: Update | Delete) -> int:
     """Run one UPDATE, commit, and return how many rows it changed."""
     result = cast(CursorResult[Any], session.execute(stmt.execution_options(synchronize_session=False)))
     session.commit()
@@ -369,6 +384,53 @@ def request_cancel(session: Session, job_id: str, *, tenant: str | None = None) 
     if not flagged and job.status != JobStatus.CANCELLED:
         check_transition(job.status, JobStatus.CANCELLED, job_id=job_id)
     return job
+
+
+def stop_for_delete(session: Session, job_id: str, *, tenant: str | None = None) -> Job:
+    """The job, finished: a queued one is cancelled first; a running one raises JobBusy (409).
+
+    A running job is refused rather than stopped here: its worker would go on writing checkpoints
+    into the folder being deleted until it notices the cancellation at its next step.
+    """
+    get_job(session, job_id, tenant=tenant)
+    queued = update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+    _execute(session, queued.values(status=JobStatus.CANCELLED, updated_at=utcnow(), **_finished(utcnow())))
+    job = get_job(session, job_id)
+    if job.status not in TERMINAL_STATUSES:
+        raise JobBusy(
+            f"adaptation job {job_id!r} is {job.status.value}: cancel it first "
+            f"(POST /adaptations/{job_id}/cancel) and delete it once it has stopped"
+        )
+    return job
+
+
+def delete_job(session: Session, job_id: str) -> bool:
+    """Delete a finished job's metric history, phases, log lines and its row; False if there was no
+    such finished job."""
+    # A finished job never changes status again, so checking first and deleting after is race-free.
+    status = session.scalar(select(Job.status).where(Job.id == job_id))
+    if status not in TERMINAL_STATUSES:
+        session.rollback()
+        return False
+    # Explicit deletes: SQLite (embedded) does not enforce the foreign keys' ON DELETE CASCADE.
+    for table in (JobMetric, JobPhaseSpan, JobLogLine):
+        rows = delete(table).where(table.job_id == job_id)
+        session.execute(rows.execution_options(synchronize_session=False))
+    return _execute(session, delete(Job).where(Job.id == job_id, Job.status.in_(TERMINAL_STATUSES))) == 1
+
+
+def finished_with_checkpoints(session: Session, *, finished_before: datetime) -> list[str]:
+    """Ids of jobs that finished before the cutoff and still record a stored checkpoint."""
+    stmt = select(Job.id).where(
+        Job.status.in_(TERMINAL_STATUSES), Job.finished_at < finished_before, Job.checkpoint_uri.is_not(None)
+    )
+    return list(session.scalars(stmt.order_by(Job.finished_at)))
+
+
+def forget_checkpoints(session: Session, job_id: str) -> bool:
+    """Record that a finished job's checkpoints were deleted (its `checkpoint_uri` becomes null)."""
+    stmt = update(Job).where(Job.id == job_id, Job.status.in_(TERMINAL_STATUSES))
+    return _execute(session, stmt.values(checkpoint_uri=None)) == 1
 
 
 def queued_before(session: Session, cutoff: datetime) -> list[tuple[str, str | None]]:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+# Before anything imports torch: OpenMP reads its wait policy once, when torch loads it.
+import services.must._omp  # noqa: F401
 from services.must.adapt import adapt
 from services.must.config import MustConfig
 from services.must.data import ImageLoadError, decode_image

@@ -8,8 +8,8 @@ the logit scale, metrics, the source model and the sha256 of the weights file.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ class Manifest:
     network: str = "teacher"
     format: str = FORMAT
     code_version: str = CODE_VERSION
-    created_at: float = field(default_factory=time.time)
+    created_at: str = field(default_factory=lambda: iso_utc(datetime.now(UTC)))
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Manifest:
@@ -54,7 +54,15 @@ class Manifest:
                 f"unsupported classifier format {data.get('format')!r}; expected {FORMAT!r}"
             )
         known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        if isinstance(values.get("created_at"), int | float):  # exports before ISO 8601: Unix seconds
+            values["created_at"] = iso_utc(datetime.fromtimestamp(values["created_at"], UTC))
+        return cls(**values)
+
+
+def iso_utc(moment: datetime) -> str:
+    """ISO 8601 in UTC with a `Z`, as the HTTP API writes its timestamps (`2026-11-25T10:00:00.5Z`)."""
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def export_classifier(

@@ -221,7 +221,8 @@ def pretrained_file(spec: ModelSpec) -> str:
     if not spec.allow_download:
         raise WeightsUnavailable(
             f"{what} are not in this machine's model cache and downloads are turned off "
-            "(MUST_MODELS__ALLOW_DOWNLOADS); upload the weights and pass them as the checkpoint",
+            f"(MUST_MODELS__ALLOW_DOWNLOADS); {upload_hint(spec)}, or allow downloads on machines "
+            "that reach huggingface.co",
             transient=False,
         )
     # The hub client bounds each request by the timeout; this bounds the whole fetch, retries included.
@@ -238,13 +239,25 @@ def pretrained_file(spec: ModelSpec) -> str:
         path = done.result(timeout=spec.download_timeout)
     except TimeoutError:
         raise WeightsUnavailable(
-            f"{what} could not be downloaded within {spec.download_timeout:g} s"
+            f"{what} could not be downloaded within {spec.download_timeout:g} s; {upload_hint(spec)}"
         ) from None
     if path is None:
         raise WeightsUnavailable(
-            f"{what} could not be downloaded from the model hub (unreachable or missing)"
+            f"{what} could not be downloaded from the model hub (unreachable or missing); {upload_hint(spec)}"
         )
     return path
+
+
+def upload_hint(spec: ModelSpec) -> str:
+    """What to do without the hub: the weights as a file, named as the checkpoint."""
+    arch = spec.arch or "the architecture"
+    # OpenAI's weights were trained with QuickGELU; a bare file does not say so (see README).
+    if spec.pretrained == "openai" and spec.arch and not spec.arch.endswith("-quickgelu"):
+        arch = f"{spec.arch}-quickgelu"
+    return (
+        "upload a weights file (an open_clip state dict or .safetensors) and pass it as "
+        f'model.checkpoint with model.arch "{arch}" and no model.pretrained'
+    )
 
 
 def make_tokenizer(cfg: dict[str, Any], arch: str | None) -> Any:

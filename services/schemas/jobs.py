@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StringConstraints,
     TypeAdapter,
     ValidationError,
     field_validator,
@@ -247,6 +248,12 @@ _CREATE_EXAMPLE: dict[str, Any] = {
 }
 
 
+MAX_NAME_CHARS = 255
+MAX_TAGS = 20
+# No comma: the database keeps a job's tags as one `,a,b,` string (services/jobs/repository.py).
+TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:/=-]{0,63}$"
+
+
 class AdaptationCreate(BaseModel):
     """A request to adapt a CLIP classifier to unlabeled images (DESIGN.md section 3)."""
 
@@ -279,8 +286,35 @@ class AdaptationCreate(BaseModel):
         default=None, description=f"Hyperparameter overrides; known names: {', '.join(sorted(HPARAM_NAMES))}"
     )
     eval: EvalSpec | None = None
+    name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_NAME_CHARS,
+        pattern=r"^[^\x00-\x1f\x7f]*\S[^\x00-\x1f\x7f]*$",
+        description="A name to find the job by (GET /adaptations?name=); need not be unique",
+    )
+    tags: list[Annotated[str, StringConstraints(pattern=TAG_PATTERN)]] | None = Field(
+        default=None,
+        max_length=MAX_TAGS,
+        description=f"Up to {MAX_TAGS} tags (letters, digits and _.:/=-, at most 64 characters each) "
+        "to filter by (GET /adaptations?tag=)",
+    )
+    min_probability: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Default abstain threshold of /predict for this classifier: below it, the label is "
+        "null and `abstained` true (a request's own min_probability overrides it). Choose it from "
+        "`outcome.predictions.confidence_quantiles` of the finished job: the q-quantile abstains on "
+        "about a fraction q of images like the unlabeled ones",
+    )
 
     _class_names = field_validator("class_names")(check_class_names)
+
+    @field_validator("tags")
+    @classmethod
+    def _unique_tags(cls, tags: list[str] | None) -> list[str] | None:
+        return None if tags is None else sorted(set(tags))
 
     @field_validator("templates")
     @classmethod
@@ -325,6 +359,28 @@ class ArtifactRef(BaseModel):
 
     uri: str
     sha256: str | None = None
+
+
+class ArtifactFile(BaseModel):
+    """One file of an adapted classifier and where to download it."""
+
+    name: str = Field(description='"model.safetensors" or "manifest.json"')
+    size: int
+    sha256: str
+    url: str = Field(
+        description="A presigned S3 URL (send no API key with it), or, in embedded mode, a path of this "
+        "API that streams the file (send the API key)"
+    )
+
+
+class ArtifactDownload(BaseModel):
+    """Everything needed to download a succeeded job's classifier and check it."""
+
+    adaptation_id: str
+    sha256: str = Field(description="sha256 of model.safetensors, as in the manifest and the job")
+    served: str | None = None
+    expires_in_seconds: int | None = Field(default=None, description="How long presigned URLs stay valid")
+    files: list[ArtifactFile]
 
 
 class JobErrorInfo(BaseModel):
@@ -466,6 +522,8 @@ class AdaptationPublic(BaseModel):
 
     id: str
     tenant: str = Field(default="default", description="The project (API key owner) the job belongs to")
+    name: str | None = None
+    tags: list[str] = Field(default_factory=list)
     status: JobStatus
     phase: JobPhase | None = None
     created_at: datetime
@@ -504,6 +562,8 @@ class AdaptationPublic(BaseModel):
         return cls(
             id=job.id,
             tenant=job.tenant,
+            name=job.name,
+            tags=[tag for tag in (job.tags or "").split(",") if tag],
             status=job.status,
             phase=job.phase,
             created_at=job.created_at,

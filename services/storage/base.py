@@ -28,6 +28,10 @@ class ObjectStore(Protocol):
         """Read a whole object; ObjectTooLarge if it exceeds `max_bytes`, ObjectNotFound if missing."""
         ...
 
+    def open_stream(self, key: str, *, chunk_bytes: int = 1 << 20) -> tuple[int, Iterator[bytes]]:
+        """An object's size and its bytes in chunks; ObjectNotFound is raised here, before any chunk."""
+        ...
+
     def write_bytes(self, key: str, data: bytes) -> None:
         """Write an object; readers see the old object or the new one, never a partial one."""
         ...

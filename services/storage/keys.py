@@ -48,6 +48,19 @@ def latest_checkpoint_key(job_id: str) -> str:
     return checkpoint_key(job_id, "latest.json")
 
 
+# The files of an exported classifier, weights first (the order they are published in).
+CLASSIFIER_FILES = ("model.safetensors", "manifest.json")
+
+
+def classifier_key(job_id: str, name: str) -> str:
+    """One file of the job's exported classifier (a name of CLASSIFIER_FILES)."""
+    if name not in CLASSIFIER_FILES:
+        raise InvalidRequest(
+            f"a classifier has no file {name!r}; its files are {', '.join(CLASSIFIER_FILES)}"
+        )
+    return f"{adaptation_prefix(job_id)}classifier/{name}"
+
+
 def classifier_weights_key(job_id: str) -> str:
     """The final adapted classifier's weights (image tower + head)."""
     return f"{adaptation_prefix(job_id)}classifier/model.safetensors"

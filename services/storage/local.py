@@ -89,6 +89,18 @@ class LocalObjectStore:
             raise ObjectNotFound(self.uri(key))
         return path
 
+    def open_stream(self, key: str, *, chunk_bytes: int = 1 << 20) -> tuple[int, Iterator[bytes]]:
+        """The file's size and a generator of its chunks (the file is opened now, read as it goes)."""
+        fh = self._existing(key).open("rb")
+        size = os.fstat(fh.fileno()).st_size
+
+        def chunks() -> Iterator[bytes]:
+            with fh:
+                while chunk := fh.read(chunk_bytes):
+                    yield chunk
+
+        return size, chunks()
+
     def write_bytes(self, key: str, data: bytes) -> None:
         """Write to a temporary file in the target folder, fsync, then rename over the target."""
         self._atomic_write(self._path(key), lambda fh: fh.write(data))

@@ -85,6 +85,10 @@ class RetryingStore:
     def read_bytes(self, key: str, *, max_bytes: int) -> bytes:
         return self._call(lambda: self.store.read_bytes(key, max_bytes=max_bytes))
 
+    def open_stream(self, key: str, *, chunk_bytes: int = 1 << 20) -> tuple[int, Iterator[bytes]]:
+        """Opening is retried; a failure while reading the chunks is not."""
+        return self._call(lambda: self.store.open_stream(key, chunk_bytes=chunk_bytes))
+
     def write_bytes(self, key: str, data: bytes) -> None:
         self._call(lambda: self.store.write_bytes(key, data))
 

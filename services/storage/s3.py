@@ -168,6 +168,32 @@ class S3ObjectStore:
             raise ObjectTooLarge(self.uri(key), max_bytes)
         return data
 
+    def open_stream(self, key: str, *, chunk_bytes: int = 1 << 20) -> tuple[int, Iterator[bytes]]:
+        """GET the object now (so a missing one raises here) and stream its body in chunks."""
+        with self._errors(key):
+            answer = self.client.get_object(Bucket=self.bucket, Key=self._full(key))
+        body = answer["Body"]
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                with self._errors(key):
+                    yield from body.iter_chunks(chunk_bytes)
+            finally:
+                body.close()
+
+        return int(answer["ContentLength"]), chunks()
+
+    def presigned_get(self, key: str, expires_s: int, *, client: Any | None = None) -> str:
+        """A URL that lets anyone holding it GET the object for `expires_s` seconds, without credentials.
+
+        `client` presigns for another endpoint address (the one clients reach), as signing is local.
+        https://boto3.amazonaws.com/v1/documentation/api/latest/guide/s3-presigned-urls.html
+        """
+        params = {"Bucket": self.bucket, "Key": self._full(key)}
+        signer = client if client is not None else self.client
+        url: str = signer.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_s)
+        return url
+
     def write_bytes(self, key: str, data: bytes) -> None:
         """PUT one object (S3 makes a PUT visible all at once)."""
         with self._errors(key):

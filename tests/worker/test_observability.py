@@ -173,10 +173,8 @@ def worker(
         "PYTHONUNBUFFERED": "1",
     }
     stderr_path = tmp_path / "worker.stderr"
-    with stderr_path.open("wb") as stderr:
-        proc = subprocess.Popen(
-            WORKER_COMMAND, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr
-        )
+    with stderr_path.open("wb") as stderr, (tmp_path / "worker.stdout").open("wb") as stdout:
+        proc = subprocess.Popen(WORKER_COMMAND, cwd=REPO_ROOT, env=env, stdout=stdout, stderr=stderr)
     handle = WorkerProcess(
         proc, stderr_path, f"http://127.0.0.1:{worker_settings.metrics.worker_port}/metrics"
     )
@@ -238,6 +236,9 @@ def test_a_job_run_by_a_worker_process_is_logged_and_measured(
     assert {line["job_id"] for line in during} == {job_id}
     assert any(line["logger"] == "worker.pipeline" and "succeeded" in line["message"] for line in during)
     assert any(line["logger"].startswith("celery") for line in lines)  # Celery's own lines are JSON too
+    # No plain-text banner on stdout: its facts are one JSON line on stderr.
+    assert (tmp_path / "worker.stdout").read_text().strip() == ""
+    assert any(line["message"].startswith("celery worker") and "gpu" in line["startup"] for line in lines)
     assert samples[("must_worker_training_steps_total", ())] == STEPS
     assert samples[("must_worker_job_duration_seconds_count", (("outcome", "succeeded"),))] == 1
     assert samples[("must_worker_jobs_running", ())] == 0

@@ -10,7 +10,7 @@ import uuid
 from http import HTTPStatus
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header, Query, Response
 from fastapi import Path as PathParam
 from sqlalchemy.orm import Session
 
@@ -27,6 +27,8 @@ from services.jobs.states import JobStatus
 from services.locations import check_request_locations
 from services.schemas.jobs import (
     MAX_INT,
+    MAX_NAME_CHARS,
+    TAG_PATTERN,
     AdaptationCreate,
     AdaptationPublic,
     AdaptationsPage,
@@ -39,6 +41,7 @@ from services.schemas.jobs import (
     SeriesPoints,
     TrainJobMessage,
 )
+from services.storage.keys import adaptation_prefix, join_key
 from services.storage.uri import FileURI, parse_uri
 
 logger = logging.getLogger(__name__)
@@ -62,7 +65,7 @@ IdempotencyKey = Annotated[
 ]
 
 
-def _job_id(raw: str) -> str:
+def job_id_of(raw: str) -> str:
     """The canonical form of a job id; a string that is not a UUID names no job (404)."""
     try:
         return str(uuid.UUID(raw))
@@ -150,12 +153,18 @@ def list_adaptations(
     session: SessionDep,
     principal: PrincipalDep,
     status: Annotated[JobStatus | None, Query(description="Only jobs with this status")] = None,
+    name: Annotated[
+        str | None,
+        Query(min_length=1, max_length=MAX_NAME_CHARS, description="Only jobs with this exact name"),
+    ] = None,
+    tag: Annotated[str | None, Query(pattern=TAG_PATTERN, description="Only jobs carrying this tag")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
 ) -> AdaptationsPage:
-    """List your adaptation jobs (an admin key: everyone's), newest first, optionally filtered by status."""
+    """List your adaptation jobs (an admin key: everyone's), newest first, optionally filtered by status,
+    name and tag."""
     jobs, total = repository.list_jobs(
-        session, status=status, limit=limit, offset=offset, tenant=principal.scope
+        session, status=status, limit=limit, offset=offset, tenant=principal.scope, name=name, tag=tag
     )
     items = [AdaptationPublic.from_job(job) for job in jobs]
     return AdaptationsPage(items=items, total=total, limit=limit, offset=offset)
@@ -167,7 +176,7 @@ def get_adaptation(
 ) -> AdaptationPublic:
     """Get one adaptation job: status, progress, latest metrics, image counts, artifact and error."""
     return AdaptationPublic.from_job(
-        repository.get_job(session, _job_id(adaptation_id), tenant=principal.scope)
+        repository.get_job(session, job_id_of(adaptation_id), tenant=principal.scope)
     )
 
 
@@ -181,7 +190,7 @@ def cancel_adaptation(
     adaptation_id: AdaptationId, session: SessionDep, principal: PrincipalDep
 ) -> AdaptationPublic:
     """Cancel a job: a queued one at once, a running one at its next step (409 if already finished)."""
-    job = repository.request_cancel(session, _job_id(adaptation_id), tenant=principal.scope)
+    job = repository.request_cancel(session, job_id_of(adaptation_id), tenant=principal.scope)
     return AdaptationPublic.from_job(job)
 
 
@@ -194,7 +203,7 @@ def list_adaptation_metrics(
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> MetricsPage:
     """Get a job's metric history in step order, for plots (page on with `since_step`)."""
-    job_id = _job_id(adaptation_id)
+    job_id = job_id_of(adaptation_id)
     metrics = repository.list_metrics(
         session, job_id, since_step=since_step, limit=limit, tenant=principal.scope
     )
@@ -214,7 +223,7 @@ def get_adaptation_metric_series(
 ) -> MetricSeries:
     """Get a job's whole metric history as one series per metric, each downsampled on the server to
     at most `max_points` (first, last, and each step bucket's lowest and highest value), for plots."""
-    job_id = _job_id(adaptation_id)
+    job_id = job_id_of(adaptation_id)
     rows = repository.metric_rows(session, job_id, limit=MAX_SERIES_ROWS, tenant=principal.scope)
     series = downsampled_series(rows, max_points)
     return MetricSeries(
@@ -235,6 +244,32 @@ def list_adaptation_logs(
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> LogsPage:
     """Get the worker's log lines for a job, oldest first (page on with `after`)."""
-    job_id = _job_id(adaptation_id)
+    job_id = job_id_of(adaptation_id)
     lines = repository.list_log_lines(session, job_id, after=after, limit=limit, tenant=principal.scope)
     return LogsPage(adaptation_id=job_id, items=[LogLine.from_row(line) for line in lines])
+
+
+@router.delete(
+    "/{adaptation_id}",
+    status_code=HTTPStatus.NO_CONTENT,
+    response_class=Response,
+    responses=error_responses(404, 409, 503),
+)
+def delete_adaptation(
+    adaptation_id: AdaptationId,
+    session: SessionDep,
+    settings: SettingsDep,
+    opener: StoreOpenerDep,
+    principal: PrincipalDep,
+) -> Response:
+    """Delete a job with its classifier, checkpoints and metrics (a queued job is cancelled first; 409
+    while it runs). A deleted job is gone: deleting it again answers 404."""
+    job_id = job_id_of(adaptation_id)
+    repository.stop_for_delete(session, job_id, tenant=principal.scope)
+    # Files first, row last: if the store fails (503), the job is still listed and a retry finishes it.
+    store, prefix = opener(settings.storage.artifacts_uri)
+    removed = store.delete_prefix(join_key(prefix, adaptation_prefix(job_id)))
+    if not repository.delete_job(session, job_id):
+        raise JobNotFound(job_id)  # a concurrent delete got there first
+    logger.info("deleted adaptation job %s and %d stored files", job_id, removed)
+    return Response(status_code=HTTPStatus.NO_CONTENT)

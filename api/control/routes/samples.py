@@ -16,7 +16,7 @@ from fastapi.responses import Response
 from api.common.auth import PrincipalDep
 from api.common.errors import error_responses
 from api.control.deps import SessionDep, SettingsDep, StoreOpenerDep
-from api.control.routes.adaptations import AdaptationId, _job_id
+from api.control.routes.adaptations import AdaptationId, job_id_of
 from api.control.thumbnails import NotAnImage, thumbnail_jpeg
 from services.config import Settings
 from services.db.models import Job
@@ -61,7 +61,7 @@ def get_adaptation_samples(
     adaptation_id: AdaptationId, session: SessionDep, principal: PrincipalDep
 ) -> SamplesPublic:
     """List a few unlabeled images per class the served classifier predicted (thumbnails by position)."""
-    job = repository.get_job(session, _job_id(adaptation_id), tenant=principal.scope)
+    job = repository.get_job(session, job_id_of(adaptation_id), tenant=principal.scope)
     samples = _samples(job)
     names = job.request.get("class_names", [])
     classes = [
@@ -110,7 +110,7 @@ def get_adaptation_sample_thumbnail(
     principal: PrincipalDep,
 ) -> Response:
     """Get a JPEG thumbnail of one sample image of a class, read from the job's dataset."""
-    job = repository.get_job(session, _job_id(adaptation_id), tenant=principal.scope)
+    job = repository.get_job(session, job_id_of(adaptation_id), tenant=principal.scope)
     key = _sample_key(job, class_index, position)
     data = _read_image(job, key, settings, opener)
     try:

@@ -93,9 +93,9 @@ def test_domain_and_auth_errors_match_their_documented_bodies(tmp_path: Path, sq
 def test_method_not_allowed_lists_every_method_of_the_path(tmp_path: Path, sqlite_url: str) -> None:
     with TestClient(create_control(make_settings(sqlite_url, tmp_path), queue=RecordingJobQueue())) as client:
         answer = client.request("OPTIONS", "/adaptations")
-        delete = client.delete("/adaptations/0b6f3c1e-5a52-4c3c-9d0e-2f4f3f2d9a10")
+        put = client.put("/adaptations/0b6f3c1e-5a52-4c3c-9d0e-2f4f3f2d9a10")
 
     assert answer.status_code == 405
     assert answer.headers["allow"] == "GET, POST"
-    assert delete.status_code == 405
-    assert delete.headers["allow"] == "GET"
+    assert put.status_code == 405
+    assert put.headers["allow"] == "DELETE, GET"

@@ -77,6 +77,7 @@ def test_another_tenants_job_is_404_for_every_action(client: TestClient, body: d
         ("GET", f"/adaptations/{job_id}/metrics"),
         ("GET", f"/adaptations/{job_id}/logs"),
         ("POST", f"/adaptations/{job_id}/cancel"),
+        ("DELETE", f"/adaptations/{job_id}"),
     ]:
         answer = client.request(method, path, headers=_as(BETA))
         assert answer.status_code == 404, (method, path, answer.text)

@@ -71,3 +71,24 @@ def test_tampered_weights_are_refused(exported) -> None:
 def test_missing_manifest_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="manifest"):
         load_classifier(tmp_path)
+
+
+def test_created_at_is_iso_8601_utc_like_the_api_and_old_unix_times_are_converted(exported) -> None:
+    from datetime import UTC, datetime
+
+    from pydantic import TypeAdapter
+
+    from services.must.export import read_manifest
+
+    _, folder = exported
+    written = json.loads((folder / MANIFEST).read_text())["created_at"]
+    moment = datetime.fromisoformat(written)
+    assert written.endswith("Z")
+    assert moment.tzinfo is not None
+    assert abs((datetime.now(UTC) - moment).total_seconds()) < 600
+    # The same text the API's pydantic models give a datetime.
+    assert TypeAdapter(datetime).dump_python(moment, mode="json") == written
+
+    manifest = json.loads((folder / MANIFEST).read_text())
+    (folder / MANIFEST).write_text(json.dumps(manifest | {"created_at": 1764531000.5}))
+    assert read_manifest(folder).created_at == "2025-11-30T19:30:00.500000Z"
