@@ -9,7 +9,7 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from api.common import health, metrics
-from api.control.routes import adaptations, samples
+from api.control.routes import adaptations, artifacts, samples
 
 ENDPOINTS: dict[tuple[str, str], Callable[..., Any]] = {
     ("post", "/adaptations"): adaptations.create_adaptation,
@@ -23,6 +23,9 @@ ENDPOINTS: dict[tuple[str, str], Callable[..., Any]] = {
         samples.get_adaptation_sample_thumbnail
     ),
     ("get", "/adaptations/{adaptation_id}/logs"): adaptations.list_adaptation_logs,
+    ("delete", "/adaptations/{adaptation_id}"): adaptations.delete_adaptation,
+    ("get", "/adaptations/{adaptation_id}/artifact"): artifacts.get_artifact,
+    ("get", "/adaptations/{adaptation_id}/artifact/{name}"): artifacts.stream_artifact_file,
     ("get", "/healthz"): health.healthz,
     ("get", "/readyz"): health.readyz,
     ("get", "/metrics"): metrics.prometheus_metrics,
