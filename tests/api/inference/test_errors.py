@@ -38,17 +38,21 @@ def zero_shot_fields() -> dict[str, str]:
     return {"config": str(CONFIG_PATH), "checkpoint": str(CHECKPOINT_PATH), "class_names": "cat,dog"}
 
 
-def test_non_image_and_corrupt_uploads_are_422_naming_the_file(
+def test_non_image_and_corrupt_uploads_are_named_alone_422_or_per_file_beside_good_ones(
     client: TestClient, zero_shot_fields: dict[str, str], images: list[Image.Image]
 ) -> None:
     good = png_bytes(images[0])
     for name, data, reason in [("notes.txt", b"hello", "not_an_image"), ("cut.png", good[:60], "unreadable")]:
+        alone = client.post("/predict", data=zero_shot_fields, files=[("files", (name, data))])
+        assert alone.status_code == 422, alone.text
+        assert alone.json()["filename"] == name
+        assert alone.json()["reason"] == reason
+        assert name in alone.json()["detail"]
         files = [("files", ("ok.png", good)), ("files", (name, data))]
-        answer = client.post("/predict", data=zero_shot_fields, files=files)
-        assert answer.status_code == 422, answer.text
-        assert answer.json()["filename"] == name
-        assert answer.json()["reason"] == reason
-        assert name in answer.json()["detail"]
+        beside = client.post("/predict", data=zero_shot_fields, files=files)
+        assert beside.status_code == 200, beside.text
+        ok, bad = beside.json()["results"]
+        assert (ok["error"], bad["error"]["reason"], bad["filename"]) == (None, reason, name)
 
 
 def test_too_large_image_is_413(client: TestClient, zero_shot_fields: dict[str, str]) -> None:
