@@ -71,10 +71,13 @@ def export_onnx(
     example = torch.zeros(1, 3, side, side)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.part")
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         # The TorchScript exporter (deprecated since torch 2.9, still shipped): a ViT traces into one
         # self-contained file without onnxscript, and `dynamic_axes` frees the batch size.
         # https://docs.pytorch.org/docs/stable/onnx_torchscript.html
+        # nn.MultiheadAttention's fused inference kernel has no ONNX export; the plain path does.
+        torch.backends.mha.set_fastpath_enabled(False)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(
@@ -93,6 +96,7 @@ def export_onnx(
         onnx.save(graph, str(tmp))
         tmp.replace(path)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         tmp.unlink(missing_ok=True)
     return path
 
