@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 import worker.pipeline
 from services.config import DatabaseSettings, Settings, StorageSettings
 from services.jobs import repository
-from services.jobs.states import JobStatus
+from services.jobs.states import JobPhase, JobStatus
 from tests.worker.conftest import create_job
 from worker.pipeline import run_training_job
 
@@ -49,4 +49,4 @@ def test_missing_pretrained_weights_fail_the_job_at_once_with_what_to_do(
     assert "MUST_MODELS__ALLOW_DOWNLOADS" in message
     assert 'model.checkpoint with model.arch "ViT-B-32-quickgelu"' in message
     assert staged == []
-    assert job.phase is None
+    assert job.phase == JobPhase.QUEUED  # it failed before listing began
