@@ -412,10 +412,8 @@ def delete_job(session: Session, job_id: str) -> bool:
     if status not in TERMINAL_STATUSES:
         session.rollback()
         return False
-    # Explicit deletes: SQLite (embedded) does not enforce the foreign keys' ON DELETE CASCADE.
-    for table in (JobMetric, JobPhaseSpan, JobLogLine):
-        rows = delete(table).where(table.job_id == job_id)
-        session.execute(rows.execution_options(synchronize_session=False))
+    # Metrics, phases and log lines go with the row: their foreign keys are ON DELETE CASCADE, which
+    # PostgreSQL enforces and SQLite does too (db.session turns PRAGMA foreign_keys on).
     return _execute(session, delete(Job).where(Job.id == job_id, Job.status.in_(TERMINAL_STATUSES))) == 1
 
 

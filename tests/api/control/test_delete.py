@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.config import Settings
-from services.db.models import JobMetric
+from services.db.models import JobMetric, JobPhaseSpan
 from services.jobs import repository
 from services.storage import keys
 from services.storage.base import ObjectStore
@@ -97,7 +97,11 @@ def test_delete_removes_files_metrics_and_row_and_a_second_delete_is_404(
     assert client.get(f"/adaptations/{job_id}/metrics").status_code == 404
     with session_factory() as session:
         rows = session.scalar(select(func.count()).select_from(JobMetric).where(JobMetric.job_id == job_id))
+        phases = session.scalar(
+            select(func.count()).select_from(JobPhaseSpan).where(JobPhaseSpan.job_id == job_id)
+        )
     assert rows == 0
+    assert phases == 0  # gone with the row (ON DELETE CASCADE, on SQLite too)
     again = client.delete(f"/adaptations/{job_id}")
     assert again.status_code == 404
     assert "does not exist" in again.json()["detail"]
