@@ -317,7 +317,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--jobs", type=int, default=1, help="cases run at a time, each in its own process (cores/N threads)"
     )
-    parser.add_argument("--dump", type=Path, help="write each case's guard-sample outputs here (guard study)")
+    parser.add_argument(
+        "--dump",
+        type=Path,
+        help="write each case's guard-sample outputs here, defaults runs only (guard study)",
+    )
     return parser
 
 
