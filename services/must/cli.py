@@ -1,7 +1,7 @@
 """Command-line entry points: `must-adapt` (train on a local folder) and `must-predict`.
 
 must-adapt --images DIR --classes cat,dog,bird --model ViT-B-32 --checkpoint clip.safetensors --out run/
-must-predict --model-dir run/classifier photo1.jpg photo2.png
+must-predict --model-dir run/classifier photo1.jpg photo2.png more-photos/
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tqdm import tqdm
@@ -19,7 +19,8 @@ from tqdm import tqdm
 import services.must._omp  # noqa: F401
 from services.must.adapt import adapt
 from services.must.config import MustConfig
-from services.must.data import ImageLoadError, decode_image
+from services.must.batch import DEFAULT_BATCH, BatchOptions, classify_stream
+from services.must.data import IMAGE_EXTENSIONS, ImageLoadError
 from services.must.errors import ConfigError, MustError
 from services.must.export import load_classifier
 from services.must.loading import ModelSpec
@@ -151,30 +152,63 @@ def adapt_main(argv: Sequence[str] | None = None) -> int:
 
 def predict_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="must-predict", description="Classify images with an exported classifier."
+        prog="must-predict",
+        description="Classify images with an exported classifier: one JSON line per image.",
     )
     p.add_argument("--model-dir", required=True, type=Path, help="an exported classifier folder")
-    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument(
+        "images", nargs="+", type=Path, metavar="PATH", help="image files, or folders to read (recursively)"
+    )
     p.add_argument("--top-k", type=int, default=3)
+    p.add_argument(
+        "--min-probability",
+        type=float,
+        default=None,
+        help="abstain (label null, abstained true) when the top probability is below this",
+    )
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
     p.add_argument("--device", default="cpu")
     return p
 
 
+def image_paths(paths: Sequence[Path]) -> Iterator[Path]:
+    """The given files as they are, and each folder's image files (by extension), sorted, recursively."""
+    for path in paths:
+        if path.is_dir():
+            found = (p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            yield from sorted(found)
+        else:
+            yield path
+
+
+def _read(paths: Iterable[Path]) -> Iterator[tuple[str, bytes | ImageLoadError]]:
+    for path in paths:
+        try:
+            yield str(path), path.read_bytes()
+        except OSError as exc:
+            yield str(path), ImageLoadError("unreadable", exc.strerror or type(exc).__name__)
+
+
 def predict_main(argv: Sequence[str] | None = None) -> int:
     args = predict_parser().parse_args(argv)
+    if args.top_k < 1 or args.batch_size < 1:
+        print("must-predict: error: --top-k and --batch-size must be at least 1", file=sys.stderr)
+        return 2
+    if args.min_probability is not None and not 0.0 <= args.min_probability <= 1.0:
+        print("must-predict: error: --min-probability must be between 0 and 1", file=sys.stderr)
+        return 2
     try:
         classifier = load_classifier(args.model_dir, device=args.device)
     except MustError as exc:
         print(f"must-predict: error: {exc}", file=sys.stderr)
         return 2
-    status = 0
-    for path in args.images:
-        try:
-            image = decode_image(path.read_bytes())
-        except (OSError, ImageLoadError) as exc:
-            print(json.dumps({"image": str(path), "error": str(exc)}))
-            status = 1
-            continue
-        top = classifier.top_k(classifier.predict([image]), args.top_k)[0]
-        print(json.dumps({"image": str(path), "predictions": top}))
+    options = BatchOptions(top_k=args.top_k, min_probability=args.min_probability, batch_size=args.batch_size)
+    status, seen = 0, 0
+    for record in classify_stream(classifier, _read(image_paths(args.images)), options):
+        seen += 1
+        status = 1 if "error" in record else status
+        print(json.dumps(record), flush=True)
+    if seen == 0:
+        print("must-predict: error: no image files found", file=sys.stderr)
+        return 2
     return status
