@@ -19,6 +19,14 @@ class JobNotFound(DomainError):
         self.job_id = job_id
 
 
+class PredictionNotFound(DomainError):
+    """No batch prediction run has this id (or it belongs to another tenant)."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"prediction run {run_id!r} does not exist")
+        self.run_id = run_id
+
+
 class InvalidJobTransition(DomainError):
     """The job's current status does not allow the requested change."""
 

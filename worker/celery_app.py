@@ -25,6 +25,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # The name the worker registers its training task under; the API sends to this name.
 TRAIN_TASK = "must.train"
+# Batch prediction over a bucket prefix (`POST /predictions`); it needs the model, so a GPU worker runs it.
+PREDICT_TASK = "must.predict"
 # Training runs on the GPU workers' queue; Redis keeps its messages in a list of the same name.
 GPU_QUEUE = "gpu"
 
@@ -74,7 +76,7 @@ def make_celery(settings: Settings) -> Celery:
         # https://docs.celeryq.dev/en/stable/userguide/optimizing.html#prefetch-limits
         worker_prefetch_multiplier=1,
         task_default_queue=GPU_QUEUE,
-        task_routes={TRAIN_TASK: {"queue": GPU_QUEUE}},
+        task_routes={TRAIN_TASK: {"queue": GPU_QUEUE}, PREDICT_TASK: {"queue": GPU_QUEUE}},
         broker_transport_options=options,
         broker_connection_retry_on_startup=True,
     )

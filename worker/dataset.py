@@ -42,7 +42,7 @@ def local_name(key: str) -> str:
     return f"{digest}{PurePosixPath(key).suffix.lower()}"
 
 
-def _folder_prefix(prefix: str) -> str:
+def folder_prefix(prefix: str) -> str:
     """Treat the URI's key prefix as a folder, so `s3://b/imgs` does not also match `imgs2/`."""
     return prefix if not prefix or prefix.endswith("/") else f"{prefix}/"
 
@@ -67,7 +67,7 @@ def _fetch(store: ObjectStore, key: str, target: Path, limits: LimitsSettings) -
     return None
 
 
-def _image_keys(
+def image_keys(
     store: ObjectStore, prefix: str, skipped: SkipReport, on_first: Callable[[], None] | None = None
 ) -> Iterator[str]:
     """Stream the keys under `prefix` with an image extension, counting the others; `on_first` is
@@ -94,7 +94,7 @@ def _stage(
 ) -> StagedImages:
     """Fetch up to WINDOW objects at once while the listing streams; results are kept in listing order."""
     staged = StagedImages([], SkipReport())
-    keys = _image_keys(store, prefix, staged.skipped, on_first)
+    keys = image_keys(store, prefix, staged.skipped, on_first)
     pending: deque[tuple[str, Path, Future[str | None]]] = deque()
     with ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="stage") as pool:
 
@@ -133,7 +133,7 @@ def stage_images(
     try:
         store, prefix = open_store(uri, settings)
         retrying = RetryingStore(store, settings.worker.storage_retry_seconds)
-        staged = _stage(retrying, _folder_prefix(prefix), out_dir, settings, max_images, on_first_image)
+        staged = _stage(retrying, folder_prefix(prefix), out_dir, settings, max_images, on_first_image)
     except StorageUnavailable:
         raise  # still unreachable after the retries: not the dataset's fault, the job is requeued
     except StorageError as exc:

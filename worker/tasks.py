@@ -14,8 +14,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from services.config import Settings, get_settings
 from services.db.session import make_engine, make_session_factory
 from services.schemas.jobs import TrainJobMessage
+from services.schemas.predictions import PredictionMessage
 from services.storage.object_store import open_store
-from worker.celery_app import TRAIN_TASK, celery_app
+from worker.batch_predictions import run_prediction
+from worker.celery_app import PREDICT_TASK, TRAIN_TASK, celery_app
 from worker.pipeline import run_training_job
 from worker.reconcile import broker_contents, send_job, start_reconciler
 from worker.store_care import expire_checkpoints
@@ -36,6 +38,12 @@ def train_must(self: Task, msg: TrainJobMessage) -> None:
     )
     if requeued:  # the object store stayed away: the job resumes from its checkpoint on a later attempt
         send_job(session_factory(), celery_app.send_task, msg.job_id)
+
+
+@celery_app.task(name=PREDICT_TASK, pydantic=True)
+def predict_batch(msg: PredictionMessage) -> None:
+    """Classify every image under a prefix with an adaptation (batch prediction run `msg.run_id`)."""
+    run_prediction(msg.run_id, session_factory=session_factory(), settings=get_settings())
 
 
 @worker_ready.connect

@@ -31,6 +31,7 @@ from services.errors import (
     JobNotFound,
     ObjectNotFound,
     ObjectTooLarge,
+    PredictionNotFound,
     RequestTooLarge,
     StorageError,
 )
@@ -45,6 +46,7 @@ class ServiceUnavailable(DomainError):
 # Looked up along the error's class hierarchy, so a subclass without an entry gets its parent's code.
 STATUS_BY_ERROR: dict[type[DomainError], HTTPStatus] = {
     JobNotFound: HTTPStatus.NOT_FOUND,
+    PredictionNotFound: HTTPStatus.NOT_FOUND,
     ArtifactMissing: HTTPStatus.NOT_FOUND,
     ObjectNotFound: HTTPStatus.NOT_FOUND,
     InvalidJobTransition: HTTPStatus.CONFLICT,

@@ -25,7 +25,7 @@ from api.common.logs import use_json_logs
 from api.control.dashboard import mount_dashboard
 from api.control.deps import StoreOpener
 from api.control.queue import CeleryJobQueue, JobQueue
-from api.control.routes import adaptations, artifacts, samples
+from api.control.routes import adaptations, artifacts, predictions, samples
 from services.config import Settings, get_settings
 from services.db.migrate import upgrade
 from services.db.session import make_engine, make_session_factory
@@ -120,5 +120,6 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
     app.include_router(adaptations.router, dependencies=[API_KEY], responses=error_responses(*SECURED_ERRORS))
     app.include_router(artifacts.router, dependencies=[API_KEY], responses=error_responses(*SECURED_ERRORS))
     app.include_router(samples.router, dependencies=[API_KEY], responses=error_responses(*SECURED_ERRORS))
+    app.include_router(predictions.router, dependencies=[API_KEY], responses=error_responses(*SECURED_ERRORS))
     mount_dashboard(app)
     return app

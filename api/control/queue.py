@@ -7,7 +7,8 @@ from typing import Protocol
 from celery import Celery
 
 from services.schemas.jobs import TrainJobMessage
-from worker.celery_app import GPU_QUEUE, TRAIN_TASK
+from services.schemas.predictions import PredictionMessage
+from worker.celery_app import GPU_QUEUE, PREDICT_TASK, TRAIN_TASK
 
 
 class JobQueue(Protocol):
@@ -15,6 +16,10 @@ class JobQueue(Protocol):
 
     def submit(self, msg: TrainJobMessage) -> str:
         """Enqueue one job message and return the broker's task id; raise if it cannot be enqueued."""
+        ...
+
+    def submit_prediction(self, msg: PredictionMessage) -> str:
+        """Enqueue one batch prediction run and return the broker's task id."""
         ...
 
 
@@ -30,5 +35,12 @@ class CeleryJobQueue:
         # https://docs.celeryq.dev/en/stable/reference/celery.html#celery.Celery.send_task
         result = self.celery.send_task(
             TRAIN_TASK, kwargs={"msg": msg.model_dump(mode="json")}, queue=GPU_QUEUE
+        )
+        return str(result.id)
+
+    def submit_prediction(self, msg: PredictionMessage) -> str:
+        """Send `PREDICT_TASK(msg={"run_id": ...})` to the `gpu` queue."""
+        result = self.celery.send_task(
+            PREDICT_TASK, kwargs={"msg": msg.model_dump(mode="json")}, queue=GPU_QUEUE
         )
         return str(result.id)

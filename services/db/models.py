@@ -150,6 +150,36 @@ class JobLogLine(Base):
     message: Mapped[str] = mapped_column(Text)
 
 
+class PredictionRun(Base):
+    """A batch prediction: a succeeded adaptation classifying every image under a prefix into a JSONL."""
+
+    __tablename__ = "prediction_runs"
+    __table_args__ = (
+        Index("ix_prediction_runs_tenant_created_at", "tenant", "created_at"),
+        Index("ix_prediction_runs_job_id", "job_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_job_id)
+    # The adaptation whose classifier runs; deleting it deletes its runs (and their results files).
+    job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"))
+    tenant: Mapped[str] = mapped_column(String(64), default=DEFAULT_TENANT)
+    status: Mapped[JobStatus] = mapped_column(_STATUS, default=JobStatus.QUEUED)
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    celery_task_id: Mapped[str | None] = mapped_column(String(255))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    images_done: Mapped[int] = mapped_column(Integer, default=0)
+    images_failed: Mapped[int] = mapped_column(Integer, default=0)
+    images_abstained: Mapped[int] = mapped_column(Integer, default=0)
+    results_key: Mapped[str | None] = mapped_column(Text)
+    results_sha256: Mapped[str | None] = mapped_column(String(64))
+    results_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    error_type: Mapped[str | None] = mapped_column(String(255))
+    error_message: Mapped[str | None] = mapped_column(Text)
+
+
 class ApiKey(Base):
     """An API key of one tenant, stored as its SHA-256 (the key itself is shown once, at creation).
 

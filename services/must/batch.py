@@ -62,7 +62,11 @@ def _flush(
 ) -> list[dict[str, Any]]:
     """Records for `pending` (name, image or error record), classifying the images in one forward."""
     images = [image for _, image in pending if not isinstance(image, dict)]
-    tops = iter(classifier.top_k(classifier.predict(images, options.batch_size), options.top_k)) if images else None
+    tops = (
+        iter(classifier.top_k(classifier.predict(images, options.batch_size), options.top_k))
+        if images
+        else None
+    )
     records = []
     for name, image in pending:
         if isinstance(image, dict):

@@ -18,8 +18,8 @@ from tqdm import tqdm
 # Before anything imports torch: OpenMP reads its wait policy once, when torch loads it.
 import services.must._omp  # noqa: F401
 from services.must.adapt import adapt
-from services.must.config import MustConfig
 from services.must.batch import DEFAULT_BATCH, BatchOptions, classify_stream
+from services.must.config import MustConfig
 from services.must.data import IMAGE_EXTENSIONS, ImageLoadError
 from services.must.errors import ConfigError, MustError
 from services.must.export import load_classifier

@@ -74,3 +74,8 @@ def classifier_manifest_key(job_id: str) -> str:
 def metrics_key(job_id: str) -> str:
     """The job's metric history as JSON lines."""
     return f"{adaptation_prefix(job_id)}metrics.jsonl"
+
+
+def prediction_results_key(job_id: str, run_id: str) -> str:
+    """The JSONL of a batch prediction run, kept with its adaptation (deleted with it)."""
+    return f"{adaptation_prefix(job_id)}predictions/{_segment(run_id, 'prediction run id')}.jsonl"

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from api.common import health, metrics
-from api.control.routes import adaptations, artifacts, samples
+from api.control.routes import adaptations, artifacts, predictions, samples
 
 ENDPOINTS: dict[tuple[str, str], Callable[..., Any]] = {
     ("post", "/adaptations"): adaptations.create_adaptation,
@@ -26,6 +26,10 @@ ENDPOINTS: dict[tuple[str, str], Callable[..., Any]] = {
     ("delete", "/adaptations/{adaptation_id}"): adaptations.delete_adaptation,
     ("get", "/adaptations/{adaptation_id}/artifact"): artifacts.get_artifact,
     ("get", "/adaptations/{adaptation_id}/artifact/{name}"): artifacts.stream_artifact_file,
+    ("post", "/predictions"): predictions.create_prediction,
+    ("get", "/predictions"): predictions.list_predictions,
+    ("get", "/predictions/{run_id}"): predictions.get_prediction,
+    ("get", "/predictions/{run_id}/results"): predictions.stream_prediction_results,
     ("get", "/healthz"): health.healthz,
     ("get", "/readyz"): health.readyz,
     ("get", "/metrics"): metrics.prometheus_metrics,

@@ -46,7 +46,9 @@ def _png(image: Image.Image) -> bytes:
 
 def test_records_follow_input_order_with_errors_in_place(classifier: ImageClassifier) -> None:
     images = [im for im, _ in iter_domain("target", 7, seed=3)]
-    items: list[tuple[str, bytes | ImageLoadError]] = [(f"img-{i}.png", _png(im)) for i, im in enumerate(images)]
+    items: list[tuple[str, bytes | ImageLoadError]] = [
+        (f"img-{i}.png", _png(im)) for i, im in enumerate(images)
+    ]
     items.insert(2, ("broken.png", b"not an image"))
     items.insert(5, ("gone.png", ImageLoadError("unreadable", "permission denied")))
     records = list(classify_stream(classifier, items, BatchOptions(top_k=2, batch_size=3)))
@@ -91,11 +93,16 @@ def test_must_predict_reads_folders_recursively(model_dir: Path, tmp_path: Path,
     single = tmp_path / "single.png"
     single.write_bytes(written[1][0].read_bytes())
 
-    code = predict_main(["--model-dir", str(model_dir), "--top-k", "1", str(tmp_path / "photos"), str(single)])
+    code = predict_main(
+        ["--model-dir", str(model_dir), "--top-k", "1", str(tmp_path / "photos"), str(single)]
+    )
     assert code == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     names = [Path(line["image"]).name for line in lines]
-    assert len(lines) == 7 and names[-1] == "single.png" and "x.png" in names and "notes.txt" not in names
+    assert len(lines) == 7
+    assert names[-1] == "single.png"
+    assert "x.png" in names
+    assert "notes.txt" not in names
     assert all(len(line["predictions"]) == 1 and line["label"] in CLASSES for line in lines)
     # the same image read twice gets the same answer
     by_name = {Path(line["image"]).name: line for line in lines}
