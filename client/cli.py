@@ -3,6 +3,8 @@
     must upload photos/ s3://must-datasets/parts/
     must adapt s3://must-datasets/parts/ --classes bolt,nut,washer --wait
     must predict 0b6f3c1e-... photo.jpg s3://must-datasets/parts/img-001.png
+    must predict 0b6f3c1e-... s3://must-datasets/incoming/ --out results.jsonl   # a batch run
+    must predict --zero-shot --classes bolt,nut,washer photo.jpg                 # the baseline
     must metrics 0b6f3c1e-...      # eval-set scores and metric history
     must logs 0b6f3c1e-...         # the worker's lines for the job
 
@@ -41,6 +43,7 @@ from client.progress import (
 )
 from client.upload import plan_upload, upload
 from services.jobs.states import JobStatus
+from services.schemas.predictions import PredictionPublic
 
 EXIT_OK = 0
 EXIT_JOB_FAILED = 1  # the job failed or was cancelled
@@ -115,6 +118,41 @@ def _add_adapt(commands: Any) -> None:
     p.set_defaults(run=cmd_adapt)
 
 
+def _add_predict(commands: Any) -> None:
+    p = commands.add_parser(
+        "predict",
+        help="classify images (files, s3:// images, or with --out every image under a prefix)",
+        usage="must predict [options] ID IMAGE [IMAGE ...]\n"
+        "       must predict [options] --zero-shot --classes NAMES IMAGE [IMAGE ...]\n"
+        "       must predict [options] ID s3://bucket/prefix/ --out results.jsonl",
+        epilog=EPILOG,
+    )
+    p.add_argument(
+        "targets",
+        nargs="+",
+        metavar="TARGET",
+        help="a succeeded adaptation's id, then local files or s3:// URIs (with --zero-shot: images only)",
+    )
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--min-probability", type=float, help="abstain (label null) below this top probability")
+    p.add_argument("--json", action="store_true")
+    batch = p.add_argument_group("batch mode (a run on a worker over a whole prefix)")
+    batch.add_argument(
+        "--out", type=Path, help="classify every image under ONE s3:// prefix; save the JSONL here"
+    )
+    batch.add_argument("--max-images", type=int, help="classify at most this many")
+    batch.add_argument("--poll", type=float, default=2.0, help="seconds between progress checks (default 2)")
+    zero = p.add_argument_group("zero-shot baseline (no adaptation: the CLIP and the class names)")
+    zero.add_argument("--zero-shot", action="store_true", help="classify with the zero-shot baseline")
+    zero.add_argument("--classes", type=_class_names, help="comma-separated, or a file, one per line")
+    zero.add_argument("--model", help="open_clip architecture (default: the service's)")
+    zero.add_argument("--pretrained", help="open_clip pretrained tag, e.g. openai")
+    zero.add_argument("--checkpoint", help="CLIP weights as s3:// URI (or a file the service may read)")
+    zero.add_argument("--model-config", help="custom open_clip model config JSON as s3:// URI")
+    zero.add_argument("--templates", type=_templates, help="file of prompt templates, one per line")
+    p.set_defaults(run=cmd_predict)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `must` argument parser and its subcommands."""
     parser = argparse.ArgumentParser(
@@ -179,12 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--via-api", action="store_true", help="download through the control API")
     p.set_defaults(run=cmd_export)
 
-    p = commands.add_parser("predict", help="classify images with an adapted classifier")
-    p.add_argument("id", help="a succeeded adaptation's id")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="local files or s3:// URIs")
-    p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(run=cmd_predict)
+    _add_predict(commands)
 
     p = commands.add_parser("upload", help="copy a folder's images to s3://bucket/prefix/")
     p.add_argument("folder", type=Path)
@@ -347,24 +380,83 @@ def _format_predictions(name: str, result: dict[str, Any]) -> str:
     return f"{name}: {'abstained; ' if result.get('abstained') else ''}{labels}"
 
 
+def _zero_shot_fields(args: argparse.Namespace) -> dict[str, str]:
+    if not args.classes:
+        raise MustClientError("--zero-shot needs --classes (at least two class names)")
+    fields = dict(_model(args) or {}) | {"class_names": json.dumps(args.classes)}
+    if args.templates:
+        fields["templates"] = json.dumps(args.templates)
+    return fields
+
+
+def _split_targets(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """(adaptation id or None for --zero-shot, the images)."""
+    if args.zero_shot:
+        return None, list(args.targets)
+    if len(args.targets) < 2:
+        raise MustClientError("give an adaptation id and at least one image (or --zero-shot and images)")
+    return args.targets[0], list(args.targets[1:])
+
+
 def cmd_predict(must: MustClient, args: argparse.Namespace) -> int:
-    """Classify local files (one upload) and s3:// images (one request each), in the order given."""
-    local = [image for image in args.images if not image.startswith("s3://")]
+    """Classify local files (one upload) and s3:// images (one request each), in the order given;
+    with --out, run a batch prediction over one prefix on a worker and save its JSONL."""
+    adaptation_id, images = _split_targets(args)
+    if args.out is not None:
+        if adaptation_id is None or len(images) != 1:
+            raise MustClientError("--out takes an adaptation id and one s3:// prefix (no --zero-shot)")
+        return _predict_prefix(must, adaptation_id, images[0], args)
+    zero_shot = _zero_shot_fields(args) if args.zero_shot else None
+    options: dict[str, Any] = {
+        "top_k": args.top_k,
+        "zero_shot": zero_shot,
+        "min_probability": args.min_probability,
+    }
+    local = [image for image in images if not image.startswith("s3://")]
     missing = [path for path in local if not Path(path).is_file()]
     if missing:
         raise MustClientError(f"no such file: {', '.join(missing)}")
-    uploaded = iter(must.predict_files(args.id, local, top_k=args.top_k)) if local else iter(())
-    results = []
+    uploaded = iter(must.predict_files(adaptation_id, local, **options)) if local else iter(())
     keep = ("label", "abstained", "predictions", "error")
-    for image in args.images:
+    for image in images:
         answer = (
-            must.predict_url(args.id, image, top_k=args.top_k)
-            if image.startswith("s3://")
-            else next(uploaded)
+            must.predict_url(adaptation_id, image, **options) if image.startswith("s3://") else next(uploaded)
         )
-        results.append({"image": image} | {key: answer.get(key) for key in keep})
-    for result in results:
-        print(json.dumps(result) if args.json else _format_predictions(result["image"], result))
+        result = {"image": image} | {key: answer.get(key) for key in keep}
+        print(json.dumps(result) if args.json else _format_predictions(image, result))
+    return EXIT_OK
+
+
+def _predict_prefix(must: MustClient, adaptation_id: str, source: str, args: argparse.Namespace) -> int:
+    """Queue a batch prediction run, follow it with plain progress lines, then save its JSONL."""
+    run = must.start_prediction(
+        adaptation_id,
+        source,
+        top_k=args.top_k,
+        min_probability=args.min_probability,
+        max_images=args.max_images,
+    )
+    print(f"prediction run {run.id} queued", file=sys.stderr)
+    last: list[tuple[str, int]] = []
+
+    def report(update: PredictionPublic) -> None:
+        state = (update.status.value, update.images_done)
+        if not last or last[-1] != state:
+            last.append(state)
+            print(f"prediction run {update.id}: {state[0]}, {state[1]} images", file=sys.stderr)
+
+    run = must.wait_prediction(run.id, poll_seconds=args.poll, on_update=report)
+    if run.status != JobStatus.SUCCEEDED:
+        print(f"prediction run {run.id} {run.status.value}: {run.error_message}", file=sys.stderr)
+        return EXIT_JOB_FAILED
+    must.download_prediction_results(run, args.out)
+    if args.json:
+        print(run.model_dump_json(indent=2))
+    else:
+        print(
+            f"{args.out}: {run.images_done} images ({run.images_failed} unusable, "
+            f"{run.images_abstained} abstained), sha256 {run.results_sha256}"
+        )
     return EXIT_OK
 
 

@@ -37,6 +37,7 @@ from services.schemas.jobs import (
     LogsPage,
     MetricsPage,
 )
+from services.schemas.predictions import PredictionPublic
 
 DEFAULT_API_URL = "http://127.0.0.1:8000"
 DEFAULT_INFERENCE_URL = "http://127.0.0.1:8001"
@@ -351,36 +352,96 @@ class MustClient:
 
     # -- the inference service -------------------------------------------------------------------
 
-    def predict_url(self, adaptation_id: str, image_url: str, *, top_k: int = 5) -> dict[str, Any]:
-        """GET /predict: classify one stored image (s3://...) with an adapted classifier."""
-        params = {"adaptation_id": adaptation_id, "image_url": image_url, "top_k": top_k}
+    def predict_url(
+        self,
+        adaptation_id: str | None,
+        image_url: str,
+        *,
+        top_k: int = 5,
+        zero_shot: dict[str, str] | None = None,
+        min_probability: float | None = None,
+    ) -> dict[str, Any]:
+        """GET /predict: classify one stored image (s3://...) with an adapted classifier, or with the
+        zero-shot baseline that `zero_shot` describes (arch, pretrained, checkpoint, config,
+        class_names, templates: /predict's form fields) when `adaptation_id` is None."""
+        params = {"image_url": image_url} | _model_fields(adaptation_id, zero_shot, top_k, min_probability)
         response = self.inference.request("GET", "/predict", params=params)
         result: dict[str, Any] = response.json()
         return result
 
     def predict_files(
-        self, adaptation_id: str, files: Iterable[Path | str | tuple[str, bytes]], *, top_k: int = 5
+        self,
+        adaptation_id: str | None,
+        files: Iterable[Path | str | tuple[str, bytes]],
+        *,
+        top_k: int = 5,
+        zero_shot: dict[str, str] | None = None,
+        min_probability: float | None = None,
     ) -> list[dict[str, Any]]:
-        """POST /predict: classify local files (paths, or (name, bytes) pairs), in order, in batches."""
+        """POST /predict: classify local files (paths, or (name, bytes) pairs), in order, in batches
+        (with the zero-shot baseline `zero_shot` describes when `adaptation_id` is None)."""
+        fields = _model_fields(adaptation_id, zero_shot, top_k, min_probability)
         results: list[dict[str, Any]] = []
         batch: list[tuple[str, bytes]] = []
         for item in files:
             batch.append(item if isinstance(item, tuple) else (Path(item).name, Path(item).read_bytes()))
             if len(batch) == UPLOAD_BATCH:
-                results += self._predict_batch(adaptation_id, batch, top_k)
+                results += self._predict_batch(fields, batch)
                 batch = []
         if batch:
-            results += self._predict_batch(adaptation_id, batch, top_k)
+            results += self._predict_batch(fields, batch)
         return results
 
-    def _predict_batch(
-        self, adaptation_id: str, batch: list[tuple[str, bytes]], top_k: int
-    ) -> list[dict[str, Any]]:
+    def _predict_batch(self, fields: dict[str, str], batch: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
         uploads = [("files", (name, data)) for name, data in batch]
-        data = {"adaptation_id": adaptation_id, "top_k": str(top_k)}
-        response = self.inference.request("POST", "/predict", data=data, files=uploads)
+        response = self.inference.request("POST", "/predict", data=fields, files=uploads)
         results: list[dict[str, Any]] = response.json()["results"]
         return results
+
+    # -- batch prediction runs (control API) -------------------------------------------------------
+
+    def start_prediction(
+        self,
+        adaptation_id: str,
+        source: str,
+        *,
+        top_k: int = 5,
+        min_probability: float | None = None,
+        max_images: int | None = None,
+    ) -> PredictionPublic:
+        """POST /predictions: queue a run classifying every image under `source` (s3://bucket/prefix/)."""
+        body: dict[str, Any] = {"adaptation_id": adaptation_id, "source": source, "top_k": top_k}
+        body |= {"min_probability": min_probability, "max_images": max_images}
+        response = self.control.request("POST", "/predictions", json=body)
+        return PredictionPublic.model_validate(response.json())
+
+    def get_prediction(self, run_id: str) -> PredictionPublic:
+        """GET /predictions/{id}."""
+        return PredictionPublic.model_validate(self.control.request("GET", f"/predictions/{run_id}").json())
+
+    def wait_prediction(
+        self,
+        run_id: str,
+        *,
+        poll_seconds: float = 2.0,
+        on_update: Callable[[PredictionPublic], None] | None = None,
+    ) -> PredictionPublic:
+        """Poll the run until it succeeded or failed."""
+        while True:
+            run = self.get_prediction(run_id)
+            if on_update is not None:
+                on_update(run)
+            if run.status in TERMINAL_STATUSES:
+                return run
+            time.sleep(poll_seconds)
+
+    def download_prediction_results(self, run: PredictionPublic, target: Path | str) -> Path:
+        """Save a succeeded run's JSONL at `target` (checked against its sha256 before it appears)."""
+        if run.results_url is None or run.results_sha256 is None:
+            raise MustClientError(f"prediction run {run.id} is {run.status.value}: it has no results")
+        path = Path(target)
+        self.control.download(run.results_url, path, run.results_sha256)
+        return path
 
     # -- both ------------------------------------------------------------------------------------
 
@@ -393,3 +454,16 @@ class MustClient:
             except ServerError as exc:  # 503 still carries which component is down
                 answers[service.name] = {"status": "unavailable", "detail": exc.detail}
         return answers
+
+
+def _model_fields(
+    adaptation_id: str | None, zero_shot: dict[str, str] | None, top_k: int, min_probability: float | None
+) -> dict[str, str]:
+    """/predict's form or query fields naming the classifier: an adaptation, or a zero-shot baseline."""
+    if (adaptation_id is None) == (zero_shot is None):
+        raise MustClientError("name either an adaptation id or a zero-shot model, not both or neither")
+    fields = {"adaptation_id": adaptation_id} if adaptation_id is not None else dict(zero_shot or {})
+    fields["top_k"] = str(top_k)
+    if min_probability is not None:
+        fields["min_probability"] = str(min_probability)
+    return {key: value for key, value in fields.items() if value is not None}

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from services.db.models import PredictionRun
 from services.jobs.states import JobStatus
 from services.schemas.jobs import MAX_INT, _storage_uri
+
+if TYPE_CHECKING:
+    from services.db.models import PredictionRun
 
 # A JSONL record lists at most this many labels per image (as /predict's top_k).
 MAX_TOP_K = 1000

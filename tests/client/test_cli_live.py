@@ -6,6 +6,7 @@ process, PostgreSQL, Redis and the moto S3 server, with API keys required.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -85,6 +86,13 @@ def test_upload_adapt_watch_status_list_predict(stack: Stack, images: Path, moto
     predicted = run_must(
         stack, "predict", job_id, str(images / "a" / "img-01.png"), f"{prefix}b/img-00.png", "--top-k", "2"
     )
+    results = images.parent / "results.jsonl"
+    batch = run_must(stack, "predict", job_id, prefix, "--out", str(results), "--top-k", "2", "--poll", "0.3")
+    zero_shot = run_must(
+        stack, "predict", "--zero-shot", "--classes", ",".join(CLASS_NAMES),
+        "--model-config", model["config"], "--checkpoint", model["checkpoint"],
+        str(images / "a" / "img-01.png"), "--json",
+    )  # fmt: skip
     cancelled = run_must(stack, "cancel", job_id)
 
     assert status.returncode == newest.returncode == listed.returncode == EXIT_OK
@@ -101,6 +109,20 @@ def test_upload_adapt_watch_status_list_predict(stack: Stack, images: Path, moto
         f"{prefix}b/img-00.png",
     ]
     assert all(line.count(",") == 1 for line in lines)  # two labels each
+    # The batch run over the whole prefix: one line per image, the same labels as /predict gives.
+    assert batch.returncode == EXIT_OK, batch.stdout + batch.stderr
+    assert "16 images (0 unusable" in batch.stdout
+    records = {r["key"]: r for r in map(json.loads, results.read_text().splitlines())}
+    assert set(records) == {f"cli/photos/{'a' if i % 2 else 'b'}/img-{i:02d}.png" for i in range(16)}
+    one = records["cli/photos/a/img-01.png"]
+    assert len(one["predictions"]) == 2
+    shown = [pair.rsplit(" ", 1) for pair in lines[0].split(": ", 1)[1].split(", ")]
+    assert [label for label, _ in shown] == [p["label"] for p in one["predictions"]]
+    assert [float(p) for _, p in shown] == pytest.approx(
+        [p["probability"] for p in one["predictions"]], abs=2e-3
+    )
+    assert zero_shot.returncode == EXIT_OK, zero_shot.stderr
+    assert json.loads(zero_shot.stdout)["predictions"][0]["label"] in CLASS_NAMES
     assert cancelled.returncode == EXIT_REFUSED
     assert "409" in cancelled.stderr
 

@@ -44,7 +44,6 @@ def test_adapt_arguments_become_a_request(tmp_path: Path) -> None:
         ["adapt", "s3://b/"],  # --classes is required
         ["adapt", "s3://b/", "--classes", "a,b", "--hparams", "{not json"],
         ["adapt", "s3://b/", "--classes", "a,b", "--hparams", "[1, 2]"],
-        ["predict", "some-id"],  # at least one image
         ["list", "--status", "sleeping"],
     ],
 )
@@ -87,6 +86,25 @@ def test_the_client_raises_a_typed_error_for_an_unreachable_service() -> None:
         must.list_adaptations()
 
     assert caught.value.service == "control API"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["predict", "some-id"], "at least one image"),
+        (["predict", "--zero-shot", "a.png"], "--zero-shot needs --classes"),
+        (["predict", "some-id", "s3://b/p/", "s3://b/q/", "--out", "r.jsonl"], "one s3:// prefix"),
+        (["predict", "--zero-shot", "s3://b/p/", "--out", "r.jsonl"], "no --zero-shot"),
+    ],
+)
+def test_predict_usage_errors_exit_2_before_any_request(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (
+        main(["--api-url", "http://127.0.0.1:9", "--inference-url", "http://127.0.0.1:9", *argv])
+        == EXIT_USAGE
+    )
+    assert message in capsys.readouterr().err
 
 
 def test_missing_local_images_are_refused_before_any_request(capsys: pytest.CaptureFixture[str]) -> None:

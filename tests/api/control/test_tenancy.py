@@ -18,6 +18,8 @@ from sqlalchemy import text
 from api.control.main import create_app
 from services.auth import cli as keys_cli
 from services.db.migrate import upgrade
+from services.db.session import make_engine, make_session_factory
+from services.jobs import repository
 from tests.api.conftest import make_settings
 from tests.api.fakes import RecordingJobQueue
 
@@ -179,3 +181,28 @@ def test_a_bad_tenant_name_is_refused_by_the_cli(db_url: str, capsys: pytest.Cap
 
     assert code == 2
     assert "not a valid name" in capsys.readouterr().err
+
+
+def test_prediction_runs_belong_to_the_adaptations_tenant(
+    client: TestClient, body: dict[str, Any], db_url: str
+) -> None:
+    job_id = _submit(client, ALPHA, body)["id"]
+    engine = make_engine(db_url)
+    with make_session_factory(engine)() as session:
+        repository.mark_running(session, job_id, owner="w", lease_seconds=60)
+        repository.mark_succeeded(session, job_id, artifact_uri="x", artifact_sha256="0" * 64, owner="w")
+    engine.dispose()
+    request = {"adaptation_id": job_id, "source": body["dataset"]["uri"]}
+
+    refused = client.post("/predictions", json=request, headers=_as(BETA))
+    run = client.post("/predictions", json=request, headers=_as(ALPHA))
+
+    assert (refused.status_code, refused.json()["error"]) == (404, "JobNotFound")
+    assert run.status_code == 202, run.text
+    run_id = run.json()["id"]
+    for path in (f"/predictions/{run_id}", f"/predictions/{run_id}/results"):
+        answer = client.get(path, headers=_as(BETA))
+        assert (answer.status_code, answer.json()["error"]) == (404, "PredictionNotFound")
+    assert client.get("/predictions", headers=_as(BETA)).json()["total"] == 0
+    assert client.get("/predictions", headers=_as(ADMIN)).json()["total"] == 1
+    assert client.get(f"/predictions/{run_id}", headers=_as(ALPHA)).json()["status"] == "queued"
