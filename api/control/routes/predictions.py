@@ -8,6 +8,7 @@ the request).
 from __future__ import annotations
 
 import logging
+import uuid
 from http import HTTPStatus
 from typing import Annotated
 
@@ -87,14 +88,12 @@ def create_prediction(
 def list_predictions(
     session: SessionDep,
     principal: PrincipalDep,
-    adaptation_id: Annotated[
-        str | None, Query(max_length=64, description="Only runs of this adaptation")
-    ] = None,
+    adaptation_id: Annotated[uuid.UUID | None, Query(description="Only runs of this adaptation")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
 ) -> PredictionsPage:
     """List your prediction runs (an admin key: everyone's), newest first."""
-    job_id = job_id_of(adaptation_id) if adaptation_id is not None else None
+    job_id = str(adaptation_id) if adaptation_id is not None else None
     runs, total = predictions.list_runs(
         session, tenant=principal.scope, adaptation_id=job_id, limit=limit, offset=offset
     )

@@ -147,3 +147,9 @@ def test_results_stream_once_succeeded_and_go_with_the_adaptation(
     assert client.delete(f"/adaptations/{job_id}").status_code == 204
     assert client.get(f"/predictions/{run_id}").status_code == 404
     assert not store.exists(key)
+
+
+def test_the_list_filter_takes_only_an_adaptation_id(client: TestClient) -> None:
+    assert client.get("/predictions", params={"adaptation_id": "not-a-uuid"}).status_code == 422
+    empty = client.get("/predictions", params={"adaptation_id": "0b6f3c1e-5a52-4c3c-9d0e-2f4f3f2d9a10"})
+    assert empty.json()["total"] == 0
