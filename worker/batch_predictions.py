@@ -3,7 +3,8 @@
 Images are read a window at a time (threads hide S3's per-object latency) and classified in
 batches as they arrive, so memory stays bounded whatever the prefix holds. The JSONL is written
 locally and uploaded to the artifacts store under the adaptation's folder when complete: a run
-that dies leaves no partial results file, and its redelivered message starts it over.
+that dies leaves no partial results file. Its worker holds the run's lease (renewed from a
+thread); when the worker dies the reconciler requeues the run and it starts over elsewhere.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import hashlib
 import json
 import logging
 import tempfile
+import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,12 +43,17 @@ from services.storage.base import ObjectStore
 from services.storage.object_store import open_store
 from services.storage.retrying import RetryingStore
 from worker.dataset import DOWNLOAD_THREADS, WINDOW, folder_prefix, image_keys
+from worker.progress import renewing
 
 log = logging.getLogger(__name__)
 
 
 class PredictionFailed(Exception):
     """The run cannot complete for a reason its owner can fix; the message says which."""
+
+
+class LeaseLost(Exception):
+    """Another worker took the run over (this one was thought dead): stop without writing anything."""
 
 
 @dataclass
@@ -126,20 +133,33 @@ def _succeeded_job(session: Session, job_id: str) -> Job:
     return job
 
 
-class _Progress:
-    """Writes the counts to the run's row at most every `every_s` seconds."""
+@dataclass
+class _Run:
+    """What the steps of one run share: its id, the database, this worker's id and the lease flag."""
 
-    def __init__(self, session_factory: sessionmaker[Session], run_id: str, every_s: float) -> None:
-        self.session_factory, self.run_id, self.every_s = session_factory, run_id, every_s
-        self.last = time.monotonic()
+    run_id: str
+    session_factory: sessionmaker[Session]
+    settings: Settings
+    owner: str
+    lost: threading.Event
+    last_report: float = 0.0
 
-    def __call__(self, counts: Counts) -> None:
-        if time.monotonic() - self.last >= self.every_s:
-            self.last = time.monotonic()
-            with self.session_factory() as session:
-                predictions.record_progress(
-                    session, self.run_id, done=counts.done, failed=counts.failed, abstained=counts.abstained
-                )
+    def report(self, counts: Counts) -> None:
+        """Write the counts to the run's row at most every `worker.progress_every_seconds`."""
+        if self.lost.is_set():
+            raise LeaseLost(self.run_id)
+        if time.monotonic() - self.last_report < self.settings.worker.progress_every_seconds:
+            return
+        self.last_report = time.monotonic()
+        with self.session_factory() as session:
+            predictions.record_progress(
+                session,
+                self.run_id,
+                owner=self.owner,
+                done=counts.done,
+                failed=counts.failed,
+                abstained=counts.abstained,
+            )
 
 
 def _classify_to_file(
@@ -147,7 +167,7 @@ def _classify_to_file(
     items: Iterator[tuple[str, bytes | ImageLoadError]],
     options: BatchOptions,
     out: Path,
-    progress: _Progress,
+    progress: Callable[[Counts], None],
 ) -> Counts:
     counts = Counts()
     with out.open("w", encoding="utf-8") as lines:
@@ -160,13 +180,12 @@ def _classify_to_file(
     return counts
 
 
-def _run(
-    run_id: str, session_factory: sessionmaker[Session], settings: Settings, device: torch.device
-) -> None:
-    with session_factory() as session:
-        run = predictions.get_run(session, run_id)
-        request = PredictionCreate.model_validate(run.request)
-        job = _succeeded_job(session, run.job_id)
+def _run(run: _Run, device: torch.device) -> None:
+    settings = run.settings
+    with run.session_factory() as session:
+        row = predictions.get_run(session, run.run_id)
+        request = PredictionCreate.model_validate(row.request)
+        job = _succeeded_job(session, row.job_id)
     # Checked again here, with the worker's own settings, before anything is opened.
     check_location(request.source, "source", settings)
     artifacts, artifacts_prefix = open_store(settings.storage.artifacts_uri, settings)
@@ -180,17 +199,19 @@ def _run(
         classifier = _load(job, artifacts, artifacts_prefix, folder / "classifier", device)
         options = _options(request, job, settings)
         items = read_images(source, folder_prefix(source_prefix), options.max_bytes, request.max_images)
-        progress = _Progress(session_factory, run_id, settings.worker.progress_every_seconds)
         results = folder / "results.jsonl"
-        counts = _classify_to_file(classifier, items, options, results, progress)
-        key = keys.join_key(artifacts_prefix, keys.prediction_results_key(job.id, run_id))
+        counts = _classify_to_file(classifier, items, options, results, run.report)
+        if run.lost.is_set():
+            raise LeaseLost(run.run_id)
+        key = keys.join_key(artifacts_prefix, keys.prediction_results_key(job.id, run.run_id))
         artifacts.upload_file(key, results)
         digest = hashlib.sha256(results.read_bytes()).hexdigest()
         size = results.stat().st_size
-    with session_factory() as session:
+    with run.session_factory() as session:
         predictions.finish_run(
             session,
-            run_id,
+            run.run_id,
+            owner=run.owner,
             results_key=key,
             sha256=digest,
             size=size,
@@ -198,7 +219,7 @@ def _run(
             failed=counts.failed,
             abstained=counts.abstained,
         )
-    log.info("prediction run %s classified %d images (%d unusable)", run_id, counts.done, counts.failed)
+    log.info("prediction run %s classified %d images (%d unusable)", run.run_id, counts.done, counts.failed)
 
 
 def run_prediction(
@@ -206,31 +227,38 @@ def run_prediction(
     *,
     session_factory: sessionmaker[Session],
     settings: Settings,
+    worker_id: str,
     device: torch.device | str | None = None,
 ) -> None:
-    """Run one batch prediction to a terminal state; a finished run (a duplicate message) is left alone."""
+    """Run one batch prediction to a terminal state; return at once if it has finished already or
+    another live worker holds it (a duplicate message)."""
+    lease_s = settings.worker.lease_seconds
     with session_factory() as session:
-        if not predictions.start_run(session, run_id):
-            log.info("prediction run %s has finished already; nothing to do", run_id)
+        if not predictions.start_run(session, run_id, owner=worker_id, lease_seconds=lease_s):
+            log.info("prediction run %s is finished or held by a live worker; nothing to do", run_id)
             return
-    try:
-        _run(run_id, session_factory, settings, torch.device(device) if device else default_device())
-    except (PredictionFailed, DomainError, MustError) as exc:
-        message = exc.message if isinstance(exc, DomainError) else str(exc)
-        if isinstance(exc, StorageError):
-            message = f"the object store failed: {message}"
-        _fail(session_factory, run_id, type(exc).__name__, message)
-    except Exception as exc:
-        _fail(
-            session_factory,
-            run_id,
-            type(exc).__name__,
-            f"internal error ({type(exc).__name__}); see the worker log",
-        )
-        raise
+
+    def beat() -> bool:
+        with session_factory() as session:
+            return predictions.heartbeat(session, run_id, owner=worker_id, lease_seconds=lease_s)
+
+    with renewing(beat, settings.worker.heartbeat_seconds, f"prediction run {run_id}") as lost:
+        run = _Run(run_id, session_factory, settings, worker_id, lost)
+        try:
+            _run(run, torch.device(device) if device else default_device())
+        except LeaseLost:
+            log.warning("prediction run %s was taken over by another worker; stopped", run_id)
+        except (PredictionFailed, DomainError, MustError) as exc:
+            message = exc.message if isinstance(exc, DomainError) else str(exc)
+            if isinstance(exc, StorageError):
+                message = f"the object store failed: {message}"
+            _fail(run, type(exc).__name__, message)
+        except Exception as exc:
+            _fail(run, type(exc).__name__, f"internal error ({type(exc).__name__}); see the worker log")
+            raise
 
 
-def _fail(session_factory: sessionmaker[Session], run_id: str, error_type: str, message: str) -> None:
-    log.warning("prediction run %s failed: %s", run_id, message)
-    with session_factory() as session:
-        predictions.fail_run(session, run_id, error_type=error_type, message=message)
+def _fail(run: _Run, error_type: str, message: str) -> None:
+    log.warning("prediction run %s failed: %s", run.run_id, message)
+    with run.session_factory() as session:
+        predictions.fail_run(session, run.run_id, error_type=error_type, message=message, owner=run.owner)

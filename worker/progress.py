@@ -95,21 +95,33 @@ def keep_lease(
     reconciler would then requeue a job that is still running. The yielded event is set once
     the lease is lost (taken over, requeued or finished elsewhere).
     """
+
+    def beat() -> bool:
+        with session_factory() as session:
+            return repository.heartbeat(session, job_id, owner=owner, lease_seconds=lease_seconds)
+
+    with renewing(beat, heartbeat_seconds, f"job {job_id}") as lost:
+        yield lost
+
+
+@contextlib.contextmanager
+def renewing(beat: Callable[[], bool], every_seconds: float, what: str) -> Iterator[threading.Event]:
+    """Call `beat` every `every_seconds` from a background thread while the block runs; the yielded
+    event is set (and the beats stop) once `beat` returns False: the lease is no longer held."""
     stop, lost = threading.Event(), threading.Event()
 
     def renew() -> None:
-        while not stop.wait(heartbeat_seconds):
+        while not stop.wait(every_seconds):
             try:
-                with session_factory() as session:
-                    held = repository.heartbeat(session, job_id, owner=owner, lease_seconds=lease_seconds)
+                held = beat()
             except Exception:  # a database hiccup must not kill the thread; the next beat retries
-                log.exception("heartbeat of job %s failed", job_id)
+                log.exception("heartbeat of %s failed", what)
                 continue
             if not held:
                 lost.set()
                 return
 
-    thread = threading.Thread(target=renew, name=f"lease-{job_id}", daemon=True)
+    thread = threading.Thread(target=renew, name=f"lease-{what}", daemon=True)
     thread.start()
     try:
         yield lost

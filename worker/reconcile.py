@@ -9,6 +9,7 @@ Every worker process runs `reconcile` in a background thread:
 - `resend_lost_messages`: a queued job whose message was sent more than
   `worker.requeue_queued_after_seconds` ago and that the broker no longer holds (a Redis restart
   without persistence loses every queued message) gets its message again.
+- the same two for batch prediction runs (`services.jobs.predictions`), which hold leases too.
 - housekeeping passes given by the caller, such as `worker.store_care.expire_checkpoints`.
 
 No job runs twice: several workers reconciling at once each claim a job with a conditional
@@ -30,9 +31,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from services.db.types import utcnow
 from services.errors import StorageError
-from services.jobs import repository
+from services.jobs import predictions, repository
 from worker.broker import task_ids_in_broker
-from worker.celery_app import GPU_QUEUE, TRAIN_TASK
+from worker.celery_app import GPU_QUEUE, PREDICT_TASK, TRAIN_TASK
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,52 @@ def resend_lost_messages(
     return resent
 
 
+def send_run(session_factory: sessionmaker[Session], queue_send: QueueSend, run_id: str) -> None:
+    """Send a prediction run's message and record its task id and when it was sent."""
+    result = queue_send(PREDICT_TASK, kwargs={"msg": {"run_id": run_id}}, queue=GPU_QUEUE)
+    task_id = getattr(result, "id", None)
+    with session_factory() as session:
+        predictions.set_task_id(session, run_id, task_id=str(task_id) if task_id else "")
+
+
+def requeue_stale_runs(session_factory: sessionmaker[Session], queue_send: QueueSend) -> list[str]:
+    """Put prediction runs whose worker died (lease expired) back to queued and send each again."""
+    with session_factory() as session:
+        run_ids = predictions.requeue_stale(session)
+    for run_id in run_ids:
+        send_run(session_factory, queue_send, run_id)
+        log.info("re-enqueued stale prediction run %s", run_id)
+    return run_ids
+
+
+def resend_lost_runs(
+    session_factory: sessionmaker[Session],
+    queue_send: QueueSend,
+    *,
+    after_seconds: float,
+    in_broker: BrokerContents,
+) -> list[str]:
+    """Send again the message of every prediction run queued for over `after_seconds` whose message
+    the broker no longer holds."""
+    cutoff = utcnow() - timedelta(seconds=after_seconds)
+    with session_factory() as session:
+        waiting = predictions.queued_before(session, cutoff)
+    if not waiting:
+        return []
+    present = in_broker()
+    resent = []
+    for run_id, task_id in waiting:
+        if present is not None and task_id and task_id in present:
+            continue
+        with session_factory() as session:
+            if not predictions.claim_resend(session, run_id, cutoff=cutoff):
+                continue
+        send_run(session_factory, queue_send, run_id)
+        log.warning("prediction run %s was queued without a message in the broker; sent it again", run_id)
+        resent.append(run_id)
+    return resent
+
+
 def broker_contents(broker_url: str, delivered_within_s: float) -> BrokerContents:
     """A `BrokerContents` for the configured broker (Redis can be listed; others say None)."""
     return lambda: task_ids_in_broker(broker_url, GPU_QUEUE, delivered_within_s=delivered_within_s)
@@ -113,8 +160,12 @@ def start_reconciler(
         while True:
             try:
                 requeue_stale_jobs(session_factory, queue_send)
+                requeue_stale_runs(session_factory, queue_send)
                 if resend_after_seconds is not None:
                     resend_lost_messages(
+                        session_factory, queue_send, after_seconds=resend_after_seconds, in_broker=in_broker
+                    )
+                    resend_lost_runs(
                         session_factory, queue_send, after_seconds=resend_after_seconds, in_broker=in_broker
                     )
                 for chore in housekeeping:

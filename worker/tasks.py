@@ -40,10 +40,13 @@ def train_must(self: Task, msg: TrainJobMessage) -> None:
         send_job(session_factory(), celery_app.send_task, msg.job_id)
 
 
-@celery_app.task(name=PREDICT_TASK, pydantic=True)
-def predict_batch(msg: PredictionMessage) -> None:
+@celery_app.task(name=PREDICT_TASK, pydantic=True, bind=True)
+def predict_batch(self: Task, msg: PredictionMessage) -> None:
     """Classify every image under a prefix with an adaptation (batch prediction run `msg.run_id`)."""
-    run_prediction(msg.run_id, session_factory=session_factory(), settings=get_settings())
+    worker_id = f"{socket.gethostname()}:{os.getpid()}:{self.request.id}"
+    run_prediction(
+        msg.run_id, session_factory=session_factory(), settings=get_settings(), worker_id=worker_id
+    )
 
 
 @worker_ready.connect

@@ -157,6 +157,7 @@ class PredictionRun(Base):
     __table_args__ = (
         Index("ix_prediction_runs_tenant_created_at", "tenant", "created_at"),
         Index("ix_prediction_runs_job_id", "job_id"),
+        Index("ix_prediction_runs_status_lease_expires_at", "status", "lease_expires_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_job_id)
@@ -169,6 +170,11 @@ class PredictionRun(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     celery_task_id: Mapped[str | None] = mapped_column(String(255))
+    # When the run's message was last sent, for the reconciler's lost-message check.
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The worker running it renews this lease; an expired one means the worker died (run requeued).
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     images_done: Mapped[int] = mapped_column(Integer, default=0)
     images_failed: Mapped[int] = mapped_column(Integer, default=0)

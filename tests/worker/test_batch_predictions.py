@@ -5,7 +5,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import threading
+import time
+from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -16,6 +20,7 @@ from bench.shapes import CLASS_NAMES
 from bench.tiny_clip import CHECKPOINT_PATH, CONFIG_PATH
 from services.config import DatabaseSettings, Settings, StorageSettings
 from services.db.models import PredictionRun
+from services.db.types import utcnow
 from services.jobs import predictions, repository
 from services.jobs.states import JobStatus
 from services.must.adapt import prepare
@@ -25,6 +30,8 @@ from services.storage import keys
 from services.storage.object_store import open_store
 from tests.worker.conftest import create_job, tiny_request
 from worker.batch_predictions import run_prediction
+from worker.celery_app import GPU_QUEUE, PREDICT_TASK
+from worker.reconcile import resend_lost_runs, start_reconciler
 
 SOURCE = "incoming/"
 
@@ -115,7 +122,7 @@ def test_every_image_under_the_prefix_gets_a_line(
     job_id = _succeeded_job(session_factory, settings, classifier_dir)
     run_id = _submit(session_factory, job_id, source)
 
-    run_prediction(run_id, session_factory=session_factory, settings=settings, device="cpu")
+    run_prediction(run_id, session_factory=session_factory, settings=settings, worker_id="w1", device="cpu")
 
     run = _finished(session_factory, run_id)
     assert run.status == JobStatus.SUCCEEDED, run.error_message
@@ -140,7 +147,7 @@ def test_every_image_under_the_prefix_gets_a_line(
         assert line["label"] == top[0]["label"]
 
     # A duplicate delivery of the finished run's message changes nothing.
-    run_prediction(run_id, session_factory=session_factory, settings=settings, device="cpu")
+    run_prediction(run_id, session_factory=session_factory, settings=settings, worker_id="w1", device="cpu")
     assert _finished(session_factory, run_id).attempts == 1
 
 
@@ -149,7 +156,7 @@ def test_the_jobs_abstain_threshold_and_max_images_apply(
 ) -> None:
     job_id = _succeeded_job(session_factory, settings, classifier_dir, min_probability=0.99)
     run_id = _submit(session_factory, job_id, source, max_images=5, top_k=1)
-    run_prediction(run_id, session_factory=session_factory, settings=settings, device="cpu")
+    run_prediction(run_id, session_factory=session_factory, settings=settings, worker_id="w1", device="cpu")
     run = _finished(session_factory, run_id)
     lines = _results(settings, run)
     assert len(lines) == 5
@@ -190,8 +197,62 @@ def test_failures_are_clear(
     if problem == "tampered":
         store.write_bytes(weights, b"other weights")
     run_id = _submit(session_factory, job_id, uri)
-    run_prediction(run_id, session_factory=session_factory, settings=settings, device="cpu")
+    run_prediction(run_id, session_factory=session_factory, settings=settings, worker_id="w1", device="cpu")
     run = _finished(session_factory, run_id)
     assert run.status == JobStatus.FAILED
     assert message in (run.error_message or ""), run.error_message
     assert "object at 0x" not in (run.error_message or "")
+
+
+def test_a_run_whose_worker_died_is_requeued_and_completes_elsewhere(
+    session_factory: sessionmaker[Session], settings: Settings, classifier_dir: Path, source: str
+) -> None:
+    job_id = _succeeded_job(session_factory, settings, classifier_dir)
+    run_id = _submit(session_factory, job_id, source)
+    with session_factory() as session:
+        assert predictions.start_run(session, run_id, owner="dead-worker", lease_seconds=0.2)
+    # A duplicate message while the lease is alive does nothing.
+    with session_factory() as session:
+        assert not predictions.start_run(session, run_id, owner="other", lease_seconds=60)
+    sent: list[tuple[str, dict[str, Any]]] = []
+    stop = threading.Event()
+    thread = start_reconciler(
+        session_factory, lambda name, **kwargs: sent.append((name, kwargs)), every_seconds=0.05, stop=stop
+    )
+    deadline = time.monotonic() + 10
+    while not sent and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    thread.join(timeout=5)
+
+    assert sent == [(PREDICT_TASK, {"kwargs": {"msg": {"run_id": run_id}}, "queue": GPU_QUEUE})]
+    assert _finished(session_factory, run_id).status == JobStatus.QUEUED
+    run_prediction(run_id, session_factory=session_factory, settings=settings, worker_id="w2", device="cpu")
+    run = _finished(session_factory, run_id)
+    assert (run.status, run.attempts, run.images_done) == (JobStatus.SUCCEEDED, 2, 13)
+    # The dead worker, were it to come back, could no longer write the run.
+    with session_factory() as session:
+        assert not predictions.record_progress(
+            session, run_id, owner="dead-worker", done=1, failed=0, abstained=0
+        )
+
+
+def test_a_queued_run_whose_message_was_lost_is_sent_again_once(
+    session_factory: sessionmaker[Session], settings: Settings, classifier_dir: Path, source: str
+) -> None:
+    job_id = _succeeded_job(session_factory, settings, classifier_dir)
+    run_id = _submit(session_factory, job_id, source)
+    with session_factory() as session:
+        predictions.set_task_id(session, run_id, task_id="lost-task", now=utcnow() - timedelta(seconds=600))
+    sent: list[str] = []
+
+    def send(name: str, **kwargs: Any) -> object:
+        sent.append(kwargs["kwargs"]["msg"]["run_id"])
+        return SimpleNamespace(id="new-task")
+
+    # The broker holds the message: nothing to do; it does not: sent again, and only once.
+    assert resend_lost_runs(session_factory, send, after_seconds=300, in_broker=lambda: {"lost-task"}) == []
+    assert resend_lost_runs(session_factory, send, after_seconds=300, in_broker=set) == [run_id]
+    assert resend_lost_runs(session_factory, send, after_seconds=300, in_broker=set) == []
+    assert sent == [run_id]
+    assert _finished(session_factory, run_id).celery_task_id == "new-task"

@@ -132,9 +132,17 @@ def test_results_stream_once_succeeded_and_go_with_the_adaptation(
     store.write_bytes(key, lines)
     digest = hashlib.sha256(lines).hexdigest()
     with session_factory() as session:
-        assert predictions.start_run(session, run_id)
+        assert predictions.start_run(session, run_id, owner="w", lease_seconds=60)
         predictions.finish_run(
-            session, run_id, results_key=key, sha256=digest, size=len(lines), done=1, failed=0, abstained=0
+            session,
+            run_id,
+            owner="w",
+            results_key=key,
+            sha256=digest,
+            size=len(lines),
+            done=1,
+            failed=0,
+            abstained=0,
         )
     run = client.get(f"/predictions/{run_id}").json()
     assert (run["status"], run["results_sha256"], run["results_bytes"]) == ("succeeded", digest, len(lines))

@@ -34,6 +34,9 @@ def upgrade() -> None:
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("celery_task_id", sa.String(255), nullable=True),
+        sa.Column("enqueued_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("lease_owner", sa.String(255), nullable=True),
+        sa.Column("lease_expires_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("images_done", sa.Integer(), nullable=False),
         sa.Column("images_failed", sa.Integer(), nullable=False),
@@ -46,9 +49,13 @@ def upgrade() -> None:
     )
     op.create_index("ix_prediction_runs_tenant_created_at", "prediction_runs", ["tenant", "created_at"])
     op.create_index("ix_prediction_runs_job_id", "prediction_runs", ["job_id"])
+    op.create_index(
+        "ix_prediction_runs_status_lease_expires_at", "prediction_runs", ["status", "lease_expires_at"]
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_prediction_runs_status_lease_expires_at", table_name="prediction_runs")
     op.drop_index("ix_prediction_runs_job_id", table_name="prediction_runs")
     op.drop_index("ix_prediction_runs_tenant_created_at", table_name="prediction_runs")
     op.drop_table("prediction_runs")
