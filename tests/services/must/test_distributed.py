@@ -9,6 +9,7 @@ the group resumes from the last checkpoint and finishes with the same weights.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -66,10 +67,8 @@ def _adapt_here(spec: ModelSpec, images: Path, out: Path, cancel_after: int | No
         on_step=seen.append,
         should_cancel=lambda: cancel_after is not None and len(seen) >= cancel_after,
     )
-    try:
+    with contextlib.suppress(Cancelled):
         adapt(images, CLASSES, out_dir=out, model=spec, config=MustConfig.from_dict(CONFIG), hooks=hooks)
-    except Cancelled:
-        pass
     return [describe(m) for m in seen]
 
 
@@ -89,7 +88,9 @@ def _torchrun(spec: ModelSpec, images: Path, out: Path, *extra: str, restarts: i
         "--checkpoint", str(spec.checkpoint), "--config", json.dumps(CONFIG), *extra,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 120) -> int:
