@@ -15,10 +15,10 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import Tensor
 
 from services.must.errors import ConfigError
@@ -71,7 +71,13 @@ def init_from_env(timeout_s: float = 1800.0) -> World:
     if not launched() or (dist.is_available() and dist.is_initialized()):
         return world()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and local_rank < torch.cuda.device_count()
+    use_cuda = torch.cuda.is_available()
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        # One rank on the CPU beside nccl ranks would wait for them forever: refuse at once.
+        raise ConfigError(
+            f"local rank {local_rank} has no GPU: this machine has {torch.cuda.device_count()}, "
+            "start at most that many processes per node"
+        )
     if use_cuda:
         torch.cuda.set_device(local_rank)
     dist.init_process_group(
@@ -94,6 +100,29 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather forward; backward sums every rank's gradient of the gathered tensor and keeps this
+    rank's rows (what reduce_scatter does, with all_reduce, which gloo also runs).
+
+    torch.distributed.nn.functional.all_gather does the same but is deprecated in favour of a
+    private module (torch.distributed._functional_collectives), so the few lines are written here.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        w = world()
+        ctx.rows, ctx.rank = x.shape[0], w.rank
+        parts = [torch.empty_like(x) for _ in range(w.size)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        total = grad.contiguous().clone()
+        dist.all_reduce(total)
+        return total[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
 def gather_with_grad(x: Tensor) -> Tensor:
     """Every rank's `x` concatenated along dim 0 in rank order, with gradient back to each rank's part.
 
@@ -102,7 +131,7 @@ def gather_with_grad(x: Tensor) -> Tensor:
     """
     if not world().active:
         return x
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 def gather(x: Tensor) -> Tensor:
