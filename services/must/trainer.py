@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from services.must.checkpoint import CheckpointFiles, load_checkpoint, read_latest, save_checkpoint
 from services.must.config import MustConfig
 from services.must.data import ResumableSampler, mix_seed
-from services.must.distributed import broadcast_flag, mean_over_ranks, world
+from services.must.distributed import broadcast_flag, gather, mean_over_ranks, world
 from services.must.errors import Cancelled, CheckpointError
 from services.must.masking import cell_size_for, random_cell_mask
 from services.must.optim import build_optimizer, cosine_schedule
@@ -185,6 +185,18 @@ class _Run:
         self.start_step = int(state["step"])
         log.info("resumed from step %d", self.start_step)
 
+    def agree_on_start(self) -> None:
+        """Every rank must resume from the same step: on several machines, a checkpoint folder that
+        is not shared would let rank 0 resume while the others start over, each its own run."""
+        if not self.world.active:
+            return
+        steps = gather(torch.tensor([self.start_step], device=self.device)).tolist()
+        if len(set(steps)) > 1:
+            raise CheckpointError(
+                f"the ranks found different checkpoints (steps {steps}): every rank must read the same "
+                "checkpoint folder (a shared file system on several machines)"
+            )
+
     def distribute(self) -> None:
         """Wrap the student's forward in DDP (after resuming: every rank then holds the same weights)."""
         if not self.world.active:
@@ -278,6 +290,7 @@ def fit(
     run = _Run(task, cfg, device, checkpoint_dir)
     base = ResumableSampler(len(dataset), cfg.seed)
     run.resume(base)
+    run.agree_on_start()
     run.distribute()
     if not run.world.is_main:
         hooks = TrainerHooks()  # progress, checkpoints and cancellation are rank 0's to handle

@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="MustConfig fields as JSON")
     p.add_argument("--cancel-after", type=int, default=None)
     p.add_argument("--step-delay", type=float, default=0.0)
+    p.add_argument("--out-per-rank", action="store_true", help="each rank its own out/rank-<r> folder")
     return p
 
 
@@ -59,6 +60,8 @@ def _hooks(args: argparse.Namespace) -> TrainerHooks:
 def main() -> int:
     args = _parser().parse_args()
     rank = distributed.init_from_env()
+    if args.out_per_rank:  # as on machines without a shared file system
+        args.out = args.out / f"rank-{rank.rank}"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank-{rank.rank}.pid").write_text(str(os.getpid()))
     try:

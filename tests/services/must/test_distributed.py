@@ -190,6 +190,20 @@ def test_one_process_checkpoint_resumes_on_two_ranks(
     _assert_same_state(_final_state(tmp_path), reference["state"])
 
 
+@pytest.mark.distributed
+def test_ranks_that_find_different_checkpoints_refuse_to_train(
+    micro_clip: ModelSpec, images: Path, tmp_path: Path
+) -> None:
+    # Rank 0 checkpoints into its own folder, which rank 1 never sees (no shared file system).
+    first = _torchrun(micro_clip, images, tmp_path, "--out-per-rank", "--cancel-after", "2")
+    assert _finish(first) == 0
+    second = _torchrun(micro_clip, images, tmp_path, "--out-per-rank")
+    output, _ = second.communicate(timeout=120)
+    assert second.returncode != 0
+    assert "the ranks found different checkpoints (steps [2, 0])" in output
+    assert not (tmp_path / "rank-0" / "classifier").exists()
+
+
 def _kill_rank_after_checkpoint(out: Path, proc: subprocess.Popen, rank: int = 1) -> int:
     """SIGKILL one rank once the step-2 checkpoint is written; returns the killed pid."""
     deadline = time.monotonic() + 90
