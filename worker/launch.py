@@ -29,6 +29,18 @@ POLL_SECONDS = 1.0
 STOP_GRACE_SECONDS = 30.0
 
 
+def count_gpus() -> int:
+    """The CUDA devices this process would see, counted in a child process: asking CUDA here would
+    initialise it in the Celery parent, and the pool processes it forks could then not use it."""
+    probe = "import torch; print(torch.cuda.device_count())"
+    try:
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+        return int(done.stdout.strip() or 0)
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        log.warning("could not count this machine's GPUs; serving one-GPU jobs only")
+        return 0
+
+
 def write_plan(path: Path, payload: dict[str, Any]) -> Path:
     """Write what the ranks need to know (it names the job's database and store: owner-only file)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -571,11 +571,10 @@ def job_context(
     )
 
 
-def available_gpus(settings: Settings) -> int:
-    """GPUs this worker gives one job: the setting, else the CUDA devices it sees; at least 1 (a CPU
-    worker runs one-GPU jobs on its CPU)."""
-    count = settings.worker.gpus if settings.worker.gpus is not None else torch.cuda.device_count()
-    return max(count, 1)
+def available_gpus(settings: Settings, count: Callable[[], int] = torch.cuda.device_count) -> int:
+    """GPUs this worker gives one job: the setting, else `count()` (the CUDA devices it sees); at
+    least 1 (a CPU worker runs one-GPU jobs on its CPU)."""
+    return max(settings.worker.gpus if settings.worker.gpus is not None else count(), 1)
 
 
 def _fits(job_id: str, session_factory: sessionmaker[Session], settings: Settings) -> bool:

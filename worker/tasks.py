@@ -17,6 +17,7 @@ from services.db.session import make_engine, make_session_factory
 from services.schemas.jobs import TrainJobMessage
 from services.storage.object_store import open_store
 from worker.celery_app import GPU_QUEUE, TRAIN_TASK, all_gpu_queues, celery_app, queues_served
+from worker.launch import count_gpus
 from worker.pipeline import available_gpus, run_training_job
 from worker.reconcile import broker_contents, send_job, start_reconciler
 from worker.store_care import expire_checkpoints
@@ -47,7 +48,7 @@ def _serve_gpu_queues(instance: Any, **_: object) -> None:
     queues = instance.app.amqp.queues
     if GPU_QUEUE not in queues.consume_from:
         return
-    served = queues_served(available_gpus(get_settings()))
+    served = queues_served(available_gpus(get_settings(), count=count_gpus))
     for name in served:
         queues.select_add(name)
     queues.deselect([name for name in all_gpu_queues() if name not in served])

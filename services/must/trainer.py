@@ -113,13 +113,15 @@ def loader_workers(cfg: MustConfig, device: torch.device) -> int:
 
     On a GPU, decoding and both augmentations in the main process would leave the device idle
     between steps. On the CPU the step itself needs every core, and loading is a few percent of
-    a ViT-B-32 step (bench.training), so the main process does it.
+    a ViT-B-32 step (bench.training), so the main process does it. The processes torchrun starts
+    on one machine (LOCAL_WORLD_SIZE) share its cores.
     """
     if cfg.num_workers is not None:
         return cfg.num_workers
     if device.type != "cuda":
         return 0
-    return min(8, max(1, (os.cpu_count() or 1) - 1))
+    per_machine = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return min(8, max(1, ((os.cpu_count() or 1) - per_machine) // per_machine))
 
 
 def _loader(dataset: Dataset, sampler: SeededPositions, cfg: MustConfig, device: torch.device) -> DataLoader:
