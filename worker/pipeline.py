@@ -394,7 +394,7 @@ def _run(ctx: JobContext, lost: threading.Event) -> bool:
     eval_set = _stage_eval_set(ctx, request)
     if request.resources is not None and request.resources.gpus > 1:
         _begin_start(ctx)
-        return _run_ranks(ctx, request.resources.gpus, staged, eval_set, lost)
+        return _run_ranks(ctx, request, staged, eval_set, lost)
     run = _start(ctx, request, staged)
     result = _train(ctx, run, lost)
     _finish(ctx, request, run, result, staged, eval_set)
@@ -402,13 +402,18 @@ def _run(ctx: JobContext, lost: threading.Event) -> bool:
 
 
 def _run_ranks(
-    ctx: JobContext, gpus: int, staged: StagedImages, eval_set: LabelledImages | None, lost: threading.Event
+    ctx: JobContext,
+    request: AdaptationCreate,
+    staged: StagedImages,
+    eval_set: LabelledImages | None,
+    lost: threading.Event,
 ) -> bool:
-    """Train on `gpus` processes started by torchrun, whose rank 0 records the job's end; True: requeued.
+    """Train on the GPUs the request asks for, one process each started by torchrun, whose rank 0
+    records the job's end; True: the job went back to the queue.
 
     The stored checkpoint and the model files are fetched here first, so the ranks find them local.
     """
-    request = _read_request(ctx)
+    gpus = request.resources.gpus if request.resources else 1
     _local_model_file(request.model.checkpoint, ctx)
     _local_model_file(request.model.config, ctx)
     path = write_plan(ctx.work_dir / "ranks" / "plan.json", _plan(ctx, staged, eval_set))
