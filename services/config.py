@@ -160,6 +160,13 @@ class WorkerSettings(BaseModel):
     # A job that still cannot reach the store goes back to the queue, to resume from its last
     # checkpoint, at most this many times; then it fails.
     max_storage_requeues: int = Field(default=3, ge=0)
+    # GPUs this worker may give one job: it consumes the queues `gpu`, `gpu.2` .. `gpu.<gpus>` and
+    # never takes a job asking for more. None counts the CUDA devices it sees (0 on a CPU machine,
+    # which then serves `gpu` only). Set it to use fewer than all, or to run N gloo ranks on the CPU.
+    gpus: int | None = Field(default=None, ge=0, le=16)
+    # Times the worker starts a multi-GPU job's processes again (a new torchrun) after one of them
+    # died; they resume from the job's last checkpoint. Past that the job fails.
+    rank_restarts: int = Field(default=1, ge=0)
 
     @model_validator(mode="after")
     def _lease_outlives_heartbeat(self) -> Self:

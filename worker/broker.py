@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import redis
@@ -34,9 +35,18 @@ def _task_id(payload: Any) -> str | None:
     return str(task_id) if task_id else None
 
 
-def task_ids_in_broker(broker_url: str, queue: str, *, delivered_within_s: float) -> set[str] | None:
-    """Ids of the tasks waiting in `queue` or delivered less than `delivered_within_s` ago and not yet
-    acknowledged; None when the broker is not Redis (its contents cannot be listed).
+def _lists(queue: str | Sequence[str]) -> list[str]:
+    """The Redis lists holding the messages of these queues, one per priority step."""
+    queues = [queue] if isinstance(queue, str) else list(queue)
+    return [f"{q}{Channel.sep}{step}" if step else q for q in queues for step in PRIORITY_STEPS]
+
+
+def task_ids_in_broker(
+    broker_url: str, queue: str | Sequence[str], *, delivered_within_s: float
+) -> set[str] | None:
+    """Ids of the tasks waiting in `queue` (or any of several) or delivered less than
+    `delivered_within_s` ago and not yet acknowledged; None when the broker is not Redis (its
+    contents cannot be listed).
 
     A message delivered longer ago whose job is still queued was taken by a worker that never
     started it (it died first): it counts as lost.
@@ -46,8 +56,7 @@ def task_ids_in_broker(broker_url: str, queue: str, *, delivered_within_s: float
     client = redis.Redis.from_url(broker_url, socket_timeout=5, socket_connect_timeout=5)
     try:
         ids: set[str | None] = set()
-        for step in PRIORITY_STEPS:
-            name = f"{queue}{Channel.sep}{step}" if step else queue
+        for name in _lists(queue):
             ids.update(_task_id(raw) for raw in client.lrange(name, 0, -1))
         recent = client.zrangebyscore(Channel.unacked_index_key, time.time() - delivered_within_s, "+inf")
         for tag in recent:

@@ -3,7 +3,9 @@
 It imports no task code and no torch: the control API imports this module to enqueue jobs by
 task name (`send_task(TRAIN_TASK, ...)`), and only the worker loads `worker.tasks` (via `include`).
 
-Start a worker with `celery -A worker.celery_app worker -Q gpu --concurrency 1` (one GPU per process).
+Start a worker with `celery -A worker.celery_app worker -Q gpu --concurrency 1` (one job per process).
+A job asking for N > 1 GPUs goes to the queue `gpu.N`; a worker with G GPUs adds `gpu.2` .. `gpu.G`
+to the queues it consumes when it starts (worker.tasks), so only a worker with enough GPUs takes it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,22 @@ TRAIN_TASK = "must.train"
 PREDICT_TASK = "must.predict"
 # Training runs on the GPU workers' queue; Redis keeps its messages in a list of the same name.
 GPU_QUEUE = "gpu"
+# The largest GPU count a job may ask for (services.schemas.jobs.MAX_GPUS) has a queue of its own.
+GPU_QUEUE_SIZES = range(2, 17)
+
+
+def queue_for(gpus: int) -> str:
+    """The queue of jobs that train on `gpus` GPUs of one machine: `gpu`, `gpu.2`, `gpu.3`, ..."""
+    return GPU_QUEUE if gpus <= 1 else f"{GPU_QUEUE}.{gpus}"
+
+
+def queues_served(gpus: int) -> list[str]:
+    """Every queue a worker with `gpus` GPUs can serve (it runs one job at a time, of any size up to it)."""
+    return [queue_for(n) for n in range(1, max(gpus, 1) + 1)]
+
+
+def all_gpu_queues() -> list[str]:
+    return [GPU_QUEUE, *(queue_for(n) for n in GPU_QUEUE_SIZES)]
 
 
 def broker_transport_options(settings: Settings) -> dict[str, Any]:

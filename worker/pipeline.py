@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import threading
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,21 +34,29 @@ from services.errors import (
     StorageUnavailable,
 )
 from services.jobs import repository
-from services.jobs.states import JobPhase
+from services.jobs.states import JobPhase, JobStatus
 from services.locations import check_request_locations
 from services.must.adapt import Adaptation, default_device, start
 from services.must.checkpoint import LATEST, CheckpointFiles, read_latest
 from services.must.config import MustConfig
-from services.must.errors import Cancelled, CheckpointError, ConfigError, ModelLoadError, MustError
+from services.must.errors import (
+    Cancelled,
+    CheckpointError,
+    ConfigError,
+    DistributedRunError,
+    ModelLoadError,
+    MustError,
+)
 from services.must.export import MANIFEST, WEIGHTS, Manifest
 from services.must.loading import ModelSpec, pretrained_file, resolve_model_config
 from services.must.trainer import FitResult, TrainerHooks
-from services.schemas.jobs import AdaptationCreate
+from services.schemas.jobs import AdaptationCreate, requested_gpus
 from services.storage import keys
 from services.storage.base import ObjectStore
 from services.storage.object_store import local_copy, open_store, publish
 from services.storage.retrying import RetryingStore, retry_storage
 from worker.dataset import LabelledImages, StagedImages, stage_eval_set, stage_images
+from worker.launch import launch_ranks, write_plan
 from worker.logs import JobLogBuffer, collect_job_logs
 from worker.progress import keep_lease, make_cancel_check, make_progress_reporter
 from worker.samples import class_samples
@@ -79,6 +88,8 @@ class JobContext:
     store_prefix: str
     device: torch.device
     logs: JobLogBuffer | None = None
+    # False in the ranks other than 0 of a multi-GPU job: rank 0 alone writes the job's state.
+    main: bool = True
 
     def key(self, key: str) -> str:
         """`key` inside the artifacts store (which may itself sit under a prefix)."""
@@ -86,6 +97,8 @@ class JobContext:
 
     def set_phase(self, phase: JobPhase) -> None:
         """Record what the job is doing now (and store the log lines of the phase before)."""
+        if not self.main:
+            return
         with self.session_factory() as session:
             repository.set_phase(session, self.job_id, phase=phase, owner=self.owner)
         log.info("job %s: %s", self.job_id, phase.value)
@@ -202,9 +215,19 @@ def _start(ctx: JobContext, request: AdaptationCreate, staged: StagedImages) -> 
 
     A job that already has a checkpoint (local or in the store) trains on the views it chose then.
     """
+    _begin_start(ctx)
+    return _start_engine(ctx, request, staged)
+
+
+def _begin_start(ctx: JobContext) -> None:
+    """Enter the zero-shot phase and bring the stored checkpoint to the local folder, if newer."""
     ctx.set_phase(JobPhase.SCORING_ZERO_SHOT)
+    _restore_checkpoint(ctx, _checkpoint_dir(ctx))
+
+
+def _start_engine(ctx: JobContext, request: AdaptationCreate, staged: StagedImages) -> Adaptation:
+    """The engine's `start` for this job's request, on the images staged and the local checkpoint."""
     checkpoint_dir = _checkpoint_dir(ctx)
-    _restore_checkpoint(ctx, checkpoint_dir)
     hparams = {"checkpoint_every": ctx.settings.worker.checkpoint_every, **(request.hparams or {})}
     model = request.model
     spec = ModelSpec(
@@ -359,14 +382,106 @@ def _evaluate(
     return report
 
 
-def _run(ctx: JobContext, lost: threading.Event) -> None:
-    """Every phase of the job, ending with the job marked succeeded."""
+def _run(ctx: JobContext, lost: threading.Event) -> bool:
+    """Every phase of the job, ending with the job marked succeeded (True: it went back to the queue).
+
+    A job asking for several GPUs trains in torchrun's processes (see `worker.ranks`) once its
+    images are staged here.
+    """
     request = _read_request(ctx)
     _check_weights(ctx, request)
     staged = _stage_dataset(ctx, request)
     eval_set = _stage_eval_set(ctx, request)
+    if request.resources is not None and request.resources.gpus > 1:
+        _begin_start(ctx)
+        return _run_ranks(ctx, request, staged, eval_set, lost)
     run = _start(ctx, request, staged)
     result = _train(ctx, run, lost)
+    _finish(ctx, request, run, result, staged, eval_set)
+    return False
+
+
+def _run_ranks(
+    ctx: JobContext,
+    request: AdaptationCreate,
+    staged: StagedImages,
+    eval_set: LabelledImages | None,
+    lost: threading.Event,
+) -> bool:
+    """Train on the GPUs the request asks for, one process each started by torchrun, whose rank 0
+    records the job's end; True: the job went back to the queue.
+
+    The stored checkpoint and the model files are fetched here first, so the ranks find them local.
+    """
+    gpus = request.resources.gpus if request.resources else 1
+    _local_model_file(request.model.checkpoint, ctx)
+    _local_model_file(request.model.config, ctx)
+    path = write_plan(ctx.work_dir / "ranks" / "plan.json", _plan(ctx, staged, eval_set))
+    restarts = ctx.settings.worker.rank_restarts
+    for attempt in range(restarts + 1):
+        code = launch_ranks(gpus, path, lost)
+        ended = _after_ranks(ctx, lost)
+        if ended is not None:
+            return ended
+        log.warning(
+            "job %s: its %d processes stopped (exit code %d), attempt %d", ctx.job_id, gpus, code, attempt
+        )
+    latest = read_latest(_checkpoint_dir(ctx))
+    where = f"its last checkpoint is at step {latest['step']}" if latest else "it wrote no checkpoint"
+    raise DistributedRunError(
+        f"the job's {gpus} training processes stopped (torchrun exit code {code}; started {restarts + 1} "
+        f"times); {where}; the job's log has their errors"
+    )
+
+
+def _plan(ctx: JobContext, staged: StagedImages, eval_set: LabelledImages | None) -> dict[str, Any]:
+    """What each rank needs to rebuild this job's context (read back by `worker.ranks`)."""
+    labelled = None
+    if eval_set is not None:
+        labelled = {"paths": [str(p) for p in eval_set.paths], "labels": eval_set.labels}
+    return {
+        "job_id": ctx.job_id,
+        "owner": ctx.owner,
+        "work_root": str(ctx.work_dir.parent),
+        "settings": ctx.settings.model_dump(mode="json"),
+        "staged": {"paths": [str(p) for p in staged.paths], "keys": staged.keys, **staged.skipped.to_dict()},
+        "eval": labelled,
+    }
+
+
+def _after_ranks(ctx: JobContext, lost: threading.Event) -> bool | None:
+    """How the ranks left the job: ended (False: rank 0 recorded it, or the lease went elsewhere),
+    back in the queue (True), or None: still running here, the processes stopped midway."""
+    if lost.is_set():
+        return False
+    with ctx.session_factory() as session:
+        status = repository.get_job(session, ctx.job_id).status
+    if status == JobStatus.RUNNING:
+        return None
+    return status == JobStatus.QUEUED
+
+
+def run_rank(
+    ctx: JobContext, staged: StagedImages, eval_set: LabelledImages | None, lost: threading.Event
+) -> bool:
+    """One rank's part of a multi-GPU job (see `worker.ranks`): every rank trains, rank 0 also finishes."""
+    request = _read_request(ctx)
+    run = _start_engine(ctx, request, staged)
+    result = _train(ctx, run, lost)
+    if ctx.main:
+        _finish(ctx, request, run, result, staged, eval_set)
+    return False
+
+
+def _finish(
+    ctx: JobContext,
+    request: AdaptationCreate,
+    run: Adaptation,
+    result: FitResult,
+    staged: StagedImages,
+    eval_set: LabelledImages | None,
+) -> None:
+    """Export, evaluate, publish the metrics and mark the job succeeded."""
     manifest = _export(ctx, request, run, result, staged)
     evaluation = _evaluate(ctx, run, manifest, eval_set)
     _publish_metrics(ctx)
@@ -440,7 +555,7 @@ def _requeue_or_fail(ctx: JobContext, lost: threading.Event, exc: StorageUnavail
     return False
 
 
-def _context(
+def job_context(
     job_id: str,
     session_factory: sessionmaker[Session],
     settings: Settings,
@@ -461,6 +576,30 @@ def _context(
     )
 
 
+def available_gpus(settings: Settings, count: Callable[[], int] = torch.cuda.device_count) -> int:
+    """GPUs this worker gives one job: the setting, else `count()` (the CUDA devices it sees); at
+    least 1 (a CPU worker runs one-GPU jobs on its CPU)."""
+    return max(settings.worker.gpus if settings.worker.gpus is not None else count(), 1)
+
+
+def _fits(job_id: str, session_factory: sessionmaker[Session], settings: Settings) -> bool:
+    """Whether this worker has the GPUs the job asks for (a missing job is `_acquire`'s to report)."""
+    try:
+        with session_factory() as session:
+            wanted = requested_gpus(repository.get_job(session, job_id).request)
+    except JobNotFound:
+        return True
+    if wanted <= available_gpus(settings):
+        return True
+    log.warning(
+        "job %s asks for %d GPUs, this worker has %d: not taken, sent to its queue again",
+        job_id,
+        wanted,
+        available_gpus(settings),
+    )
+    return False
+
+
 def run_training_job(
     job_id: str,
     *,
@@ -474,11 +613,14 @@ def run_training_job(
 
     Engine errors fail the job with their message; anything else also fails it (with the
     traceback) and is re-raised for the task runner to log. True means the object store stayed
-    unreachable and the job went back to the queue: the caller sends its message again.
+    unreachable and the job went back to the queue, or that the job needs more GPUs than this worker
+    has and was not taken: either way the caller sends its message again (to the job's queue).
     """
+    if not _fits(job_id, session_factory, settings):
+        return True  # a message on the wrong queue: the caller sends it to the job's own queue
     if not _acquire(job_id, session_factory, settings, worker_id):
         return False
-    ctx = _context(job_id, session_factory, settings, device, worker_id, work_dir)
+    ctx = job_context(job_id, session_factory, settings, device, worker_id, work_dir)
     worker = settings.worker
     lease = keep_lease(
         job_id,
@@ -489,19 +631,32 @@ def run_training_job(
     )
     with collect_job_logs(job_id) as ctx.logs, lease as lost:
         try:
-            _run(ctx, lost)
-        except Cancelled:
-            _cancelled(ctx, lost)
-        except StorageUnavailable as exc:
-            return _requeue_or_fail(ctx, lost, exc)
-        except MustError as exc:
-            _fail(ctx, exc, None)
-        except Exception as exc:
-            _fail(ctx, exc, traceback.format_exc())
-            raise
+            return guarded(ctx, lost, lambda: _run(ctx, lost))
         finally:
             # Checkpoints live in the artifacts store, so the local cache is only worth its disk space
             # until the job stops; a killed process never gets here and a resume reuses its downloads.
             shutil.rmtree(ctx.work_dir, ignore_errors=True)
             ctx.store_logs(final=True)
+
+
+def guarded(
+    ctx: JobContext, lost: threading.Event, body: Callable[[], bool], *, record_unexpected: bool = True
+) -> bool:
+    """Run `body`, recording how the job ended when it raises; True: the job went back to the queue.
+
+    Engine errors fail the job with their message; anything else fails it with the traceback
+    (unless `record_unexpected` is False) and is re-raised.
+    """
+    try:
+        return body()
+    except Cancelled:
+        _cancelled(ctx, lost)
+    except StorageUnavailable as exc:
+        return _requeue_or_fail(ctx, lost, exc)
+    except MustError as exc:
+        _fail(ctx, exc, None)
+    except Exception as exc:
+        if record_unexpected:
+            _fail(ctx, exc, traceback.format_exc())
+        raise
     return False

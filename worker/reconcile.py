@@ -32,8 +32,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from services.db.types import utcnow
 from services.errors import StorageError
 from services.jobs import predictions, repository
+from services.schemas.jobs import requested_gpus
 from worker.broker import task_ids_in_broker
-from worker.celery_app import GPU_QUEUE, PREDICT_TASK, TRAIN_TASK
+from worker.celery_app import GPU_QUEUE, PREDICT_TASK, TRAIN_TASK, all_gpu_queues, queue_for
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,11 @@ BrokerContents = Callable[[], set[str] | None]
 
 
 def send_job(session_factory: sessionmaker[Session], queue_send: QueueSend, job_id: str) -> None:
-    """Send the job's message and record its task id and when it was sent."""
-    result = queue_send(TRAIN_TASK, kwargs={"msg": {"job_id": job_id}}, queue=GPU_QUEUE)
+    """Send the job's message to the queue of its GPU count, and record its task id and when it was sent."""
+    with session_factory() as session:
+        gpus = requested_gpus(repository.get_job(session, job_id).request)
+    msg: dict[str, object] = {"job_id": job_id} if gpus == 1 else {"job_id": job_id, "gpus": gpus}
+    result = queue_send(TRAIN_TASK, kwargs={"msg": msg}, queue=queue_for(gpus))
     task_id = getattr(result, "id", None)
     with session_factory() as session:
         repository.set_celery_task_id(session, job_id, task_id=str(task_id) if task_id else "")
@@ -136,7 +140,7 @@ def resend_lost_runs(
 
 def broker_contents(broker_url: str, delivered_within_s: float) -> BrokerContents:
     """A `BrokerContents` for the configured broker (Redis can be listed; others say None)."""
-    return lambda: task_ids_in_broker(broker_url, GPU_QUEUE, delivered_within_s=delivered_within_s)
+    return lambda: task_ids_in_broker(broker_url, all_gpu_queues(), delivered_within_s=delivered_within_s)
 
 
 def start_reconciler(

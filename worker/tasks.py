@@ -6,9 +6,10 @@ import os
 import socket
 from collections.abc import Callable
 from functools import cache, partial
+from typing import Any
 
 from celery import Task
-from celery.signals import worker_ready
+from celery.signals import celeryd_after_setup, worker_ready
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.config import Settings, get_settings
@@ -17,8 +18,9 @@ from services.schemas.jobs import TrainJobMessage
 from services.schemas.predictions import PredictionMessage
 from services.storage.object_store import open_store
 from worker.batch_predictions import run_prediction
-from worker.celery_app import PREDICT_TASK, TRAIN_TASK, celery_app
-from worker.pipeline import run_training_job
+from worker.celery_app import GPU_QUEUE, PREDICT_TASK, TRAIN_TASK, all_gpu_queues, celery_app, queues_served
+from worker.launch import count_gpus
+from worker.pipeline import available_gpus, run_training_job
 from worker.reconcile import broker_contents, send_job, start_reconciler
 from worker.store_care import expire_checkpoints
 
@@ -47,6 +49,20 @@ def predict_batch(self: Task, msg: PredictionMessage) -> None:
     run_prediction(
         msg.run_id, session_factory=session_factory(), settings=get_settings(), worker_id=worker_id
     )
+
+
+@celeryd_after_setup.connect
+def _serve_gpu_queues(instance: Any, **_: object) -> None:
+    """A worker on the `gpu` queue also takes the multi-GPU jobs it has the GPUs for (`gpu.2` ..
+    `gpu.<its GPUs>`), and never consumes a queue of larger jobs, even when `-Q` names one.
+    https://docs.celeryq.dev/en/stable/userguide/signals.html#celeryd-after-setup"""
+    queues = instance.app.amqp.queues
+    if GPU_QUEUE not in queues.consume_from:
+        return
+    served = queues_served(available_gpus(get_settings(), count=count_gpus))
+    for name in served:
+        queues.select_add(name)
+    queues.deselect([name for name in all_gpu_queues() if name not in served])
 
 
 @worker_ready.connect

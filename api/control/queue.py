@@ -8,7 +8,7 @@ from celery import Celery
 
 from services.schemas.jobs import TrainJobMessage
 from services.schemas.predictions import PredictionMessage
-from worker.celery_app import GPU_QUEUE, PREDICT_TASK, TRAIN_TASK
+from worker.celery_app import GPU_QUEUE, PREDICT_TASK, TRAIN_TASK, queue_for
 
 
 class JobQueue(Protocol):
@@ -30,11 +30,13 @@ class CeleryJobQueue:
         self.celery = celery
 
     def submit(self, msg: TrainJobMessage) -> str:
-        """Send `TRAIN_TASK(msg={"job_id": ...})` to the `gpu` queue."""
+        """Send `TRAIN_TASK(msg={"job_id": ...})` to the queue of its GPU count (`gpu`, `gpu.2`, ...)."""
         # send_task needs no task code here; task_always_eager would not apply to it anyway.
         # https://docs.celeryq.dev/en/stable/reference/celery.html#celery.Celery.send_task
         result = self.celery.send_task(
-            TRAIN_TASK, kwargs={"msg": msg.model_dump(mode="json")}, queue=GPU_QUEUE
+            TRAIN_TASK,
+            kwargs={"msg": msg.model_dump(mode="json", exclude_defaults=True)},
+            queue=queue_for(msg.gpus),
         )
         return str(result.id)
 

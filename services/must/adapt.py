@@ -28,6 +28,7 @@ from services.must.checkpoint import read_latest
 from services.must.classifier import validate_class_names, validate_templates
 from services.must.config import MustConfig, resolve
 from services.must.data import SkipReport, scan_folder
+from services.must.distributed import gather_uneven, rank_device, world
 from services.must.errors import DatasetError
 from services.must.evaluation import score_classifier
 from services.must.export import Manifest, export_classifier
@@ -66,6 +67,9 @@ __all__ = ["PathViews", "adapt", "start", "prepare", "Adaptation", "AdaptResult"
 
 
 def default_device() -> torch.device:
+    """This rank's GPU in a distributed run, else the GPU if there is one, else the CPU."""
+    if world().active:
+        return rank_device()
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -130,10 +134,15 @@ def prepare(
 
 
 def _batches(
-    paths: Sequence[Path], views: Callable[[Image.Image, int], Any], cfg: MustConfig, device: torch.device
+    paths: Sequence[Path],
+    views: Callable[[Image.Image, int], Any],
+    cfg: MustConfig,
+    device: torch.device,
+    positions: Sequence[int] | None = None,
 ) -> Iterable[Any]:
+    workers = loader_workers(cfg, device)
     return seeded_batches(
-        paths, views, cfg.seed, workers=loader_workers(cfg, device), pin=device.type == "cuda"
+        paths, views, cfg.seed, workers=workers, pin=device.type == "cuda", positions=positions
     )
 
 
@@ -144,15 +153,21 @@ def calibrate(
     """The label-free confidence threshold (see `calibration`), from up to 2048 images.
 
     Measured as training thresholds: the teacher's fp32 probabilities on its weak view, with
-    the network under the same autocast as training.
+    the network under the same autocast as training. In a distributed run each rank scores
+    every W-th image of the sample (with the view seed it has in the whole sample) and the
+    ranks gather all the scores, so every rank chooses the threshold one process would.
     """
     k = prepared.network.num_classes
     if cfg.threshold_mode == "fixed":
         return choose_threshold(torch.zeros(1), torch.zeros(1, dtype=torch.long), k, cfg)
     views = _WeakView(weak_transform(prepared.clip.preprocess))
-    batches = _batches(sample_paths(paths, CALIBRATION_IMAGES), views, cfg, device)
+    sample = sample_paths(paths, CALIBRATION_IMAGES)
+    w = world()
+    batches = _batches(sample, views, cfg, device, positions=range(w.rank, len(sample), w.size))
     dtype = autocast_dtype(cfg.precision, device)
     conf, pred = teacher_confidence(prepared.network, batches, device, dtype)
+    # To the device and back: nccl moves CUDA tensors only.
+    conf, pred = gather_uneven(conf.to(device)).cpu(), gather_uneven(pred.to(device)).cpu()
     return choose_threshold(conf, pred, k, cfg)
 
 
@@ -435,7 +450,7 @@ def start(
 @dataclass
 class AdaptResult:
     classifier_dir: Path
-    manifest: Manifest
+    manifest: Manifest | None  # None on the ranks other than 0 of a distributed run: rank 0 exports
     fit: FitResult
     config: MustConfig
     num_images: int
@@ -488,7 +503,7 @@ def adapt(
         descriptions=descriptions,
     )
     result = run.train(checkpoints, hooks)
-    manifest = run.export(out_dir / "classifier", result, skipped)
+    manifest = run.export(out_dir / "classifier", result, skipped) if world().is_main else None
     return AdaptResult(
         out_dir / "classifier",
         manifest,

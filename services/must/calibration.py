@@ -44,6 +44,8 @@ def teacher_confidence(
     for x in batches:
         with autocast_or_not(device, dtype):
             probs.append(network(x.to(device)).float().softmax(-1).cpu())
+    if not probs:  # a rank whose share of the sample is empty
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
     conf, pred = torch.cat(probs).max(dim=1)
     return conf, pred
 

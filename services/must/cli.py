@@ -2,6 +2,12 @@
 
 must-adapt --images DIR --classes cat,dog,bird --model ViT-B-32 --checkpoint clip.safetensors --out run/
 must-predict --model-dir run/classifier photo1.jpg photo2.png more-photos/
+
+On several GPUs, the same entry point under torchrun (one process per GPU; `--batch-size` is the
+global batch, split evenly between the processes; rank 0 writes checkpoints, metrics and the
+classifier):
+
+torchrun --nproc-per-node 4 -m services.must.cli --images DIR --classes cat,dog --out run/
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from tqdm import tqdm
 
 # Before anything imports torch: OpenMP reads its wait policy once, when torch loads it.
 import services.must._omp  # noqa: F401
+from services.must import distributed
 from services.must.adapt import adapt
 from services.must.batch import DEFAULT_BATCH, BatchOptions, classify_stream
 from services.must.config import MustConfig
@@ -117,7 +124,35 @@ class ProgressBar:
 def adapt_main(argv: Sequence[str] | None = None) -> int:
     args = adapt_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    bar = ProgressBar(args.quiet)
+    # Under torchrun: join the process group; only rank 0 reports (the hooks run on rank 0 only).
+    main = distributed.init_from_env().is_main
+    try:
+        return _adapt(args, quiet=args.quiet or not main) if main else _adapt_quietly(args)
+    finally:
+        distributed.shutdown()
+
+
+def _adapt_quietly(args: argparse.Namespace) -> int:
+    """A rank other than 0: trains its share, writes nothing."""
+    try:
+        adapt(
+            args.images,
+            _classes(args.classes),
+            out_dir=args.out,
+            model=_spec(args),
+            templates=_templates(args.templates),
+            config=_config(args),
+            device=args.device,
+            max_images=args.max_images,
+        )
+    except MustError as exc:
+        print(f"must-adapt: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _adapt(args: argparse.Namespace, quiet: bool) -> int:
+    bar = ProgressBar(quiet)
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "metrics.jsonl", "a") as metrics_file:
 
@@ -212,3 +247,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
         print("must-predict: error: no image files found", file=sys.stderr)
         return 2
     return status
+
+
+if __name__ == "__main__":  # `torchrun ... -m services.must.cli`
+    sys.exit(adapt_main())

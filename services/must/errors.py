@@ -37,3 +37,7 @@ class CheckpointError(MustError):
 
 class Cancelled(MustError):  # noqa: N818 - a signal, not a failure
     """Training stopped because the cancellation check asked it to."""
+
+
+class DistributedRunError(MustError):
+    """The processes of a distributed run stopped before it finished (one died, restarts used up)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,15 +21,25 @@ _STAT_KEYS = (
 )
 
 
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+# Maps this process's count of averaged entries to the count a mean divides by. In a distributed
+# run it is the mean count per rank (see distributed.mean_over_ranks): each rank's sum divided by it,
+# then averaged over the ranks by DDP, is the mean over the global batch, as in one process.
+Denominator = Callable[[Tensor], Tensor]
+
+
+def _masked_mean(values: Tensor, mask: Tensor, denominator: Denominator | None = None) -> Tensor:
     """Mean of `values` over entries where `mask` is set; an exact, graph-connected 0 if none are."""
     weights = mask.to(values.dtype)
+    count = weights.sum() if denominator is None else denominator(weights.sum().detach())
     # clamp instead of a branch: avoids a host sync, and 0 / 1 keeps the empty case at exactly 0.
-    return (values * weights).sum() / weights.sum().clamp_min(1.0)
+    return (values * weights).sum() / count.clamp_min(1.0)
 
 
 def self_training_loss(
-    student_logits: Tensor, teacher_probs: Tensor, threshold: float | Tensor
+    student_logits: Tensor,
+    teacher_probs: Tensor,
+    threshold: float | Tensor,
+    denominator: Denominator | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Cross-entropy of the student against the teacher's confident hard pseudo-labels."""
     teacher_probs = teacher_probs.detach()
@@ -39,7 +50,7 @@ def self_training_loss(
     per_sample = F.cross_entropy(student_logits, pseudo_labels, reduction="none")
     # where() keeps a non-finite loss on a dropped sample from leaking into the mean.
     per_sample = torch.where(keep, per_sample, torch.zeros_like(per_sample))
-    return _masked_mean(per_sample, keep), keep
+    return _masked_mean(per_sample, keep, denominator), keep
 
 
 def ema_momentum(batch_size: int, window: int) -> float:
@@ -99,20 +110,24 @@ def fairness_loss(
     return value.detach() + (scaled - scaled.detach()), log_acc.detach()
 
 
-def masked_image_loss(pred_pixels: Tensor, target_pixels: Tensor, pixel_mask: Tensor) -> Tensor:
+def masked_image_loss(
+    pred_pixels: Tensor, target_pixels: Tensor, pixel_mask: Tensor, denominator: Denominator | None = None
+) -> Tensor:
     """Mean L1 error between predicted and target images over masked pixels only."""
     if pixel_mask.ndim == 3:
         pixel_mask = pixel_mask.unsqueeze(1)
     mask = pixel_mask.to(pred_pixels.dtype).expand_as(pred_pixels)
-    return _masked_mean((pred_pixels - target_pixels).abs(), mask)
+    return _masked_mean((pred_pixels - target_pixels).abs(), mask, denominator)
 
 
-def alignment_loss(cls_feature: Tensor, patch_features: Tensor, token_mask: Tensor) -> Tensor:
+def alignment_loss(
+    cls_feature: Tensor, patch_features: Tensor, token_mask: Tensor, denominator: Denominator | None = None
+) -> Tensor:
     """Mean squared L2 distance between normalised masked patch features and their image's class feature."""
     cls_unit = F.normalize(cls_feature, dim=-1)
     patch_unit = F.normalize(patch_features, dim=-1)
     sq_dist = (patch_unit - cls_unit.unsqueeze(1)).pow(2).sum(dim=-1)
-    return _masked_mean(sq_dist, token_mask)
+    return _masked_mean(sq_dist, token_mask, denominator)
 
 
 def label_free_stats(teacher_probs: Tensor, student_probs: Tensor, keep_mask: Tensor) -> dict[str, float]:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from services.must.config import MustConfig
+from services.must.distributed import gather, gather_with_grad, mean_over_ranks, world
 from services.must.guard import SnapshotMemory
 from services.must.losses import (
     alignment_loss,
@@ -21,6 +22,29 @@ from services.must.losses import (
 from services.must.masking import token_mask_to_pixels
 from services.must.network import MustNetwork
 from services.must.teacher import EmaTeacher
+
+
+class StudentPass(nn.Module):
+    """Everything the losses need from the student, computed in one forward().
+
+    DDP synchronises the gradients of what its module's forward() computed, so the student's
+    encode, classify, decode and project calls of one step go through this single forward.
+    """
+
+    def __init__(self, student: MustNetwork, *, mim: bool, align: bool) -> None:
+        super().__init__()
+        self.student = student
+        self.mim, self.align = mim, align
+
+    def forward(self, strong: torch.Tensor, token_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        cls_token, patch_tokens = self.student.encode(strong, token_mask)
+        out = {"logits": self.student.classify(cls_token)}
+        if self.mim:
+            out["pixels"] = self.student.decode(patch_tokens).float()
+        if self.align:
+            out["cls_proj"] = self.student.project(cls_token).float()
+            out["patch_proj"] = self.student.project(patch_tokens).float()
+        return out
 
 
 class MustTask(nn.Module):
@@ -52,23 +76,39 @@ class MustTask(nn.Module):
         self.teacher.module.eval()
         return self
 
+    def student_pass(self) -> StudentPass:
+        """The student's forward for one step, as the module a distributed run wraps in DDP."""
+        cfg = self.config
+        return StudentPass(self.student, mim=cfg.mim_weight > 0, align=cfg.align_weight > 0)
+
     def training_forward(
-        self, weak: torch.Tensor, strong: torch.Tensor, token_mask: torch.Tensor
+        self,
+        weak: torch.Tensor,
+        strong: torch.Tensor,
+        token_mask: torch.Tensor,
+        student: nn.Module | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Losses for one batch: teacher on the weak view, student on the masked strong view."""
+        """Losses for one batch: teacher on the weak view, student on the masked strong view.
+
+        `student` is `student_pass()` or that module wrapped in DDP (the default: unwrapped). In a
+        distributed run the batch is this rank's share: the fairness term's mean prediction and the
+        statistics use every rank's predictions (gathered), and the masked means divide by the
+        mean count per rank, so that DDP's average of the ranks' gradients is the global batch's.
+        """
         cfg = self.config
         # classify() computes logits in fp32 even under autocast: pseudo-labels and the threshold
         # compare probabilities that bf16 logits (scale 100) would shift by several percent.
         with torch.no_grad():
             teacher_probs = self.teacher.module(weak).softmax(-1)
-        cls_token, patch_tokens = self.student.encode(strong, token_mask)
-        logits = self.student.classify(cls_token)
+        out = (student or self.student_pass())(strong, token_mask)
+        logits = out["logits"]
         log_probs = logits.log_softmax(-1)
-        student_probs = log_probs.exp()
+        denominator = mean_over_ranks if world().active else None
 
-        l_self, keep = self_training_loss(logits, teacher_probs, self.threshold)
+        l_self, keep = self_training_loss(logits, teacher_probs, self.threshold, denominator)
+        all_log_probs = gather_with_grad(log_probs)
         l_fair, log_p_bar = fairness_loss(
-            log_probs, self.log_p_bar, int(self.fairness_steps), self.fairness_momentum
+            all_log_probs, self.log_p_bar, int(self.fairness_steps), self.fairness_momentum
         )
         self.log_p_bar.copy_(log_p_bar)
         self.fairness_steps += 1
@@ -76,18 +116,15 @@ class MustTask(nn.Module):
         l_mim = l_align = zero
         if cfg.mim_weight > 0:
             pixel_mask = token_mask_to_pixels(token_mask, self.student.grid, self.student.patch)
-            l_mim = masked_image_loss(self.student.decode(patch_tokens).float(), strong.float(), pixel_mask)
+            l_mim = masked_image_loss(out["pixels"], strong.float(), pixel_mask, denominator)
         if cfg.align_weight > 0:
-            l_align = alignment_loss(
-                self.student.project(cls_token).float(),
-                self.student.project(patch_tokens).float(),
-                token_mask,
-            )
+            l_align = alignment_loss(out["cls_proj"], out["patch_proj"], token_mask, denominator)
         loss = l_self + cfg.fairness_weight * l_fair + cfg.mim_weight * l_mim + cfg.align_weight * l_align
-        out = {"loss": loss, "self_training": l_self, "fairness": l_fair, "mim": l_mim, "align": l_align}
-        stats = label_free_stats(teacher_probs, student_probs.detach(), keep)
-        out.update({k: torch.tensor(v) for k, v in stats.items()})
-        return out
+        losses = {"loss": loss, "self_training": l_self, "fairness": l_fair, "mim": l_mim, "align": l_align}
+        stats = label_free_stats(
+            gather(teacher_probs), all_log_probs.detach().exp(), gather(keep.float()) > 0
+        )
+        return {**losses, **{k: torch.tensor(v) for k, v in stats.items()}}
 
     def update_teacher(self, step: int) -> float:
         """EMA step after an optimizer step; returns the decay used."""

@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from services.must.checkpoint import CheckpointFiles, load_checkpoint, read_latest, save_checkpoint
 from services.must.config import MustConfig
 from services.must.data import ResumableSampler, mix_seed
+from services.must.distributed import broadcast_flag, gather, mean_over_ranks, world
 from services.must.errors import Cancelled, CheckpointError
 from services.must.masking import cell_size_for, random_cell_mask
 from services.must.optim import build_optimizer, cosine_schedule
@@ -71,17 +73,28 @@ class ViewDataset(Protocol):
 
 
 class SeededPositions(Sampler[tuple[int, int]]):
-    """Yields (index, seed) where the seed is a function of the sample's global schedule position."""
+    """Yields (index, seed) where the seed is a function of the sample's global schedule position.
 
-    def __init__(self, base: ResumableSampler, seed: int) -> None:
+    In a distributed run every rank walks the same global order and keeps its own slice of each
+    global batch (rank r: positions r * per_rank .. (r + 1) * per_rank - 1 of it). An image's
+    views therefore depend on the seed, epoch and position only, never on the world size, and
+    the sampler's state stays the global position that checkpoints store.
+    """
+
+    def __init__(
+        self, base: ResumableSampler, seed: int, rank: int = 0, world_size: int = 1, per_rank: int = 1
+    ) -> None:
         self.base = base
         self.seed = seed
+        self.rank, self.chunk, self.per_rank = rank, per_rank * world_size, per_rank
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
+        # Starts at a global batch boundary: a fresh run or a checkpoint taken between steps.
         state = self.base.state_dict()
         start = state["epoch"] * self.base.epoch_length + state["index"]
         for k, index in enumerate(self.base):
-            yield index, mix_seed(self.seed, start + k)
+            if (k % self.chunk) // self.per_rank == self.rank:
+                yield index, mix_seed(self.seed, start + k)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -100,26 +113,31 @@ def loader_workers(cfg: MustConfig, device: torch.device) -> int:
 
     On a GPU, decoding and both augmentations in the main process would leave the device idle
     between steps. On the CPU the step itself needs every core, and loading is a few percent of
-    a ViT-B-32 step (bench.training), so the main process does it.
+    a ViT-B-32 step (bench.training), so the main process does it. The processes torchrun starts
+    on one machine (LOCAL_WORLD_SIZE) share its cores.
     """
     if cfg.num_workers is not None:
         return cfg.num_workers
     if device.type != "cuda":
         return 0
-    return min(8, max(1, (os.cpu_count() or 1) - 1))
+    per_machine = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return min(8, max(1, ((os.cpu_count() or 1) - per_machine) // per_machine))
 
 
 def _loader(dataset: Dataset, sampler: SeededPositions, cfg: MustConfig, device: torch.device) -> DataLoader:
     workers = loader_workers(cfg, device)
     return DataLoader(
         dataset,
-        batch_size=cfg.batch_size,
+        batch_size=sampler.per_rank,
         sampler=sampler,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
     )
+
+
+_LOSS_KEYS = ("loss", "self_training", "fairness", "mim", "align")
 
 
 class _Run:
@@ -131,6 +149,9 @@ class _Run:
         if cfg.total_steps is None or cfg.lr is None or cfg.warmup_steps is None:
             raise ValueError("fit needs a resolved config (see config.resolve)")
         self.task, self.cfg, self.device, self.checkpoint_dir = task, cfg, device, checkpoint_dir
+        self.world = world()
+        self.per_rank = self.world.shard(cfg.batch_size)
+        self.student_pass: torch.nn.Module = task.student_pass()
         student = task.student
         self.optimizer = build_optimizer(
             student,
@@ -166,8 +187,42 @@ class _Run:
         self.start_step = int(state["step"])
         log.info("resumed from step %d", self.start_step)
 
+    def agree_on_start(self) -> None:
+        """Every rank must resume from the same step: on several machines, a checkpoint folder that
+        is not shared would let rank 0 resume while the others start over, each its own run."""
+        if not self.world.active:
+            return
+        steps = gather(torch.tensor([self.start_step], device=self.device)).tolist()
+        if len(set(steps)) > 1:
+            raise CheckpointError(
+                f"the ranks found different checkpoints (steps {steps}): every rank must read the same "
+                "checkpoint folder (a shared file system on several machines)"
+            )
+
+    def distribute(self) -> None:
+        """Wrap the student's forward in DDP (after resuming: every rank then holds the same weights)."""
+        if not self.world.active:
+            return
+        cfg = self.cfg
+        self.student_pass = DistributedDataParallel(
+            self.student_pass,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            # A loss weighted 0 leaves its modules (decoder, ln_patch) without gradient.
+            find_unused_parameters=cfg.mim_weight == 0 or cfg.align_weight == 0,
+        )
+
+    def positions(self, base: ResumableSampler) -> SeededPositions:
+        w = self.world
+        return SeededPositions(base, self.cfg.seed, w.rank, w.size, self.per_rank)
+
+    def cancel_requested(self, hooks: TrainerHooks) -> bool:
+        """Rank 0 asks the caller; every rank gets its answer, so all stop at the same step."""
+        wanted = self.world.is_main and hooks.should_cancel is not None and hooks.should_cancel()
+        return broadcast_flag(wanted, self.device)
+
     def checkpoint(self, step: int, hooks: TrainerHooks) -> None:
-        if self.checkpoint_dir is None or self.sampler is None:
+        # Rank 0 writes: the ranks hold the same weights and the state is the global position.
+        if self.checkpoint_dir is None or self.sampler is None or not self.world.is_main:
             return
         consumed = (step - self.start_step) * self.cfg.batch_size
         files = save_checkpoint(
@@ -187,9 +242,10 @@ class _Run:
     ) -> tuple[dict[str, float], float, float]:
         cfg, task = self.cfg, self.task
         gen = torch.Generator().manual_seed(mix_seed(cfg.seed + 1, step))
-        mask = random_cell_mask(weak.shape[0], task.student.grid, self.cell, cfg.mask_ratio, gen).to(
-            self.device
-        )
+        # The global batch's masks, of which this rank takes its rows: the same at any world size.
+        mask = random_cell_mask(cfg.batch_size, task.student.grid, self.cell, cfg.mask_ratio, gen)
+        rows = slice(self.world.rank * self.per_rank, (self.world.rank + 1) * self.per_rank)
+        mask = mask[rows].to(self.device)
         weak = weak.to(self.device, non_blocking=True)
         strong = strong.to(self.device, non_blocking=True)
         amp = (
@@ -198,7 +254,7 @@ class _Run:
             else contextlib.nullcontext()
         )
         with amp:
-            out = task.training_forward(weak, strong, mask)
+            out = task.training_forward(weak, strong, mask, self.student_pass)
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         if cfg.grad_clip:
@@ -207,11 +263,11 @@ class _Run:
         self.optimizer.step()
         self.scheduler.step()
         decay = task.update_teacher(step)
-        values = {k: float(v.detach()) for k, v in out.items()}
+        # Each rank's loss terms are its share of the global ones; the statistics are global already.
+        losses = mean_over_ranks(torch.stack([out[k].detach().float() for k in _LOSS_KEYS]))
+        values = dict(zip(_LOSS_KEYS, losses.tolist(), strict=True))
+        values.update({k: float(v) for k, v in out.items() if k not in _LOSS_KEYS})
         return values, lr, decay
-
-
-_LOSS_KEYS = ("loss", "self_training", "fairness", "mim", "align")
 
 
 def fit(
@@ -227,12 +283,19 @@ def fit(
 
     `cfg` must be resolved (see `config.resolve`). Checkpoints are written every
     `cfg.checkpoint_every` steps, at the end, and on cancellation (then `Cancelled` is raised).
+    Under torch.distributed (see `distributed`) each rank trains on its share of the global
+    batch `cfg.batch_size` with a DDP student; every rank resumes from `checkpoint_dir`, and
+    rank 0 alone calls the hooks and writes checkpoints.
     """
     hooks = hooks or TrainerHooks()
     device = torch.device(device)
     run = _Run(task, cfg, device, checkpoint_dir)
     base = ResumableSampler(len(dataset), cfg.seed)
     run.resume(base)
+    run.agree_on_start()
+    run.distribute()
+    if not run.world.is_main:
+        hooks = TrainerHooks()  # progress, checkpoints and cancellation are rank 0's to handle
     total = int(cfg.total_steps or 0)
     task.train()
     history: list[dict[str, float]] = []
@@ -240,9 +303,9 @@ def fit(
     start = tick = time.perf_counter()
     if run.start_step >= total:
         return FitResult(run.start_step, run.start_step, 0.0, None, history)
-    batches = iter(_loader(dataset, SeededPositions(base, cfg.seed), cfg, device))  # type: ignore[arg-type]
+    batches = iter(_loader(dataset, run.positions(base), cfg, device))  # type: ignore[arg-type]
     for step in range(run.start_step, total):
-        if hooks.should_cancel and hooks.should_cancel():
+        if run.cancel_requested(hooks):
             run.checkpoint(step, hooks)
             raise Cancelled(f"cancelled at step {step}")
         weak, strong = next(batches)
@@ -251,7 +314,7 @@ def fit(
         last = StepMetrics(
             step=step + 1,
             total_steps=total,
-            images_per_sec=weak.shape[0] / max(now - tick, 1e-9),
+            images_per_sec=cfg.batch_size / max(now - tick, 1e-9),
             lr=lr,
             ema_decay=decay,
             losses={k: values[k] for k in _LOSS_KEYS},

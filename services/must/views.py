@@ -112,9 +112,14 @@ def seeded_batches(
     batch_size: int = 128,
     workers: int = 0,
     pin: bool = False,
+    positions: Sequence[int] | None = None,
 ) -> Iterable[Any]:
-    """Batches of views(image_i, mix_seed(seed, i)) over `paths` in order: the same on every call."""
-    keys = [(i, mix_seed(seed, i)) for i in range(len(paths))]
+    """Batches of views(image_i, mix_seed(seed, i)) over `paths` in order: the same on every call.
+
+    `positions` limits them to those indices (a rank's share), each with the seed it has in the whole.
+    """
+    order = range(len(paths)) if positions is None else positions
+    keys = [(i, mix_seed(seed, i)) for i in order]
     return DataLoader(
         PathViews(paths, views),
         batch_size=batch_size,

@@ -8,6 +8,7 @@ engine's hyperparameter names are kept here as a literal and a test checks them 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from string import Formatter
@@ -254,6 +255,32 @@ MAX_TAGS = 20
 TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:/=-]{0,63}$"
 
 
+# GPUs of one machine a job may ask for: the largest common GPU servers hold 8 or 16.
+MAX_GPUS = 16
+
+
+class Resources(BaseModel):
+    """What one job needs of the worker that runs it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gpus: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_GPUS,
+        description="GPUs of one machine the job trains on, data-parallel (torchrun, one process per GPU; "
+        "hparams.batch_size is the global batch, split evenly between them). Only a worker with at "
+        "least this many GPUs takes the job (queue `gpu` for 1, `gpu.<N>` for N)",
+    )
+
+
+def requested_gpus(request: Mapping[str, Any] | None) -> int:
+    """The GPU count a stored request asks for (1 when it names none), read for routing only."""
+    resources = (request or {}).get("resources") or {}
+    gpus = resources.get("gpus", 1) if isinstance(resources, Mapping) else 1
+    return gpus if isinstance(gpus, int) and 1 <= gpus <= MAX_GPUS else 1
+
+
 class AdaptationCreate(BaseModel):
     """A request to adapt a CLIP classifier to unlabeled images (DESIGN.md section 3)."""
 
@@ -286,6 +313,9 @@ class AdaptationCreate(BaseModel):
         default=None, description=f"Hyperparameter overrides; known names: {', '.join(sorted(HPARAM_NAMES))}"
     )
     eval: EvalSpec | None = None
+    resources: Resources | None = Field(
+        default=None, description="What the job needs of its worker; omitted: 1 GPU"
+    )
     name: str | None = Field(
         default=None,
         min_length=1,
@@ -331,6 +361,17 @@ class AdaptationCreate(BaseModel):
     @classmethod
     def _hparams(cls, values: dict[str, Any] | None) -> dict[str, Any] | None:
         return None if values is None else check_hparams(values)
+
+    @model_validator(mode="after")
+    def _batch_splits_over_gpus(self) -> Self:
+        gpus = self.resources.gpus if self.resources else 1
+        batch = (self.hparams or {}).get("batch_size")
+        if isinstance(batch, int) and batch % gpus:
+            raise ValueError(
+                f"hparams.batch_size {batch} is the global batch: it must be divisible by "
+                f"resources.gpus {gpus}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _descriptions_name_classes(self) -> Self:
@@ -736,3 +777,5 @@ class TrainJobMessage(BaseModel):
     )
 
     job_id: str = Field(min_length=1, max_length=36)
+    # Routing only (the queue is chosen by it); the worker reads the job's needs from its request.
+    gpus: int = Field(default=1, ge=1, le=MAX_GPUS)

@@ -40,6 +40,7 @@ from services.schemas.jobs import (
     MetricsPage,
     SeriesPoints,
     TrainJobMessage,
+    requested_gpus,
 )
 from services.storage.keys import adaptation_prefix, join_key
 from services.storage.uri import FileURI, parse_uri
@@ -103,10 +104,10 @@ def check_eval(body: AdaptationCreate, opener: StoreOpener) -> None:
         raise EvalSetError(f"the eval manifest {uri} does not exist") from None
 
 
-def _enqueue(session: Session, queue: JobQueue, job_id: str) -> None:
+def _enqueue(session: Session, queue: JobQueue, job_id: str, gpus: int = 1) -> None:
     """Send the job to the workers; if that fails, fail the job (no worker would see it) and answer 503."""
     try:
-        task_id = queue.submit(TrainJobMessage(job_id=job_id))
+        task_id = queue.submit(TrainJobMessage(job_id=job_id, gpus=gpus))
     except Exception as exc:
         logger.exception("could not enqueue adaptation job %s", job_id)
         # The exception's text may hold the broker URL and its password: only its type is shown.
@@ -144,7 +145,7 @@ def create_adaptation(
     # Enqueue a new job, or a replayed one whose first submission died between commit and enqueue.
     # A duplicate message is harmless: the worker's lease in the database runs a job only once.
     if job.status == JobStatus.QUEUED and job.celery_task_id is None:
-        _enqueue(session, queue, job.id)
+        _enqueue(session, queue, job.id, requested_gpus(job.request))
     return AdaptationPublic.from_job(repository.get_job(session, job.id))
 
 

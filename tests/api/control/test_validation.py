@@ -51,6 +51,14 @@ def _messages(response: Any) -> str:
             "absolute path",
         ),
         ({"class_name": ["cat", "dog"]}, "body.class_name", "Extra inputs are not permitted"),
+        ({"resources": {"gpus": 0}}, "body.resources.gpus", "greater than or equal to 1"),
+        ({"resources": {"gpus": 17}}, "body.resources.gpus", "less than or equal to 16"),
+        ({"resources": {"gpu": 2}}, "body.resources.gpu", "Extra inputs are not permitted"),
+        (
+            {"resources": {"gpus": 3}, "hparams": {"batch_size": 64}},
+            "body",
+            "batch_size 64 is the global batch: it must be divisible by resources.gpus 3",
+        ),
     ],
 )
 def test_bad_body_is_422_naming_the_field_and_the_fix(

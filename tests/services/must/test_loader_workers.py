@@ -28,3 +28,13 @@ def test_by_default_the_cpu_loads_in_the_main_process_and_a_gpu_uses_workers() -
 def test_a_negative_number_of_workers_is_refused() -> None:
     with pytest.raises(ConfigError, match="num_workers"):
         MustConfig(num_workers=-1).validate()
+
+
+def test_the_ranks_on_one_machine_share_its_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("services.must.trainer.os.cpu_count", lambda: 16)
+    cuda = torch.device("cuda")
+    assert loader_workers(MustConfig(), cuda) == 8  # one process: 15 spare cores, at most 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun with 4 processes on this machine
+    assert loader_workers(MustConfig(), cuda) == 3  # (16 - 4) // 4 each
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert loader_workers(MustConfig(), cuda) == 1
