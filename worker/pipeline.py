@@ -40,9 +40,10 @@ from services.must.checkpoint import LATEST, CheckpointFiles, read_latest
 from services.must.config import MustConfig
 from services.must.errors import Cancelled, CheckpointError, ConfigError, ModelLoadError, MustError
 from services.must.export import MANIFEST, WEIGHTS, Manifest
+from services.must.instant import INSTANT, InstantRun, start_instant
 from services.must.loading import ModelSpec, pretrained_file, resolve_model_config
 from services.must.trainer import FitResult, TrainerHooks
-from services.schemas.jobs import AdaptationCreate
+from services.schemas.jobs import INSTANT_HPARAM_NAMES, AdaptationCreate
 from services.storage import keys
 from services.storage.base import ObjectStore
 from services.storage.object_store import local_copy, open_store, publish
@@ -59,6 +60,10 @@ log = logging.getLogger(__name__)
 MAX_POINTER_BYTES = 1 << 20
 # One metrics row every few seconds: a week-long job stays well under this.
 MAX_METRIC_ROWS = 500_000
+# Cached image features (fp16): 8 GiB holds a few million images of a 1,024-wide tower.
+MAX_FEATURE_BYTES = 8 << 30
+
+Run = Adaptation | InstantRun
 
 
 def default_work_dir() -> Path:
@@ -197,17 +202,28 @@ def _stage_eval_set(ctx: JobContext, request: AdaptationCreate) -> LabelledImage
     return eval_set
 
 
-def _start(ctx: JobContext, request: AdaptationCreate, staged: StagedImages) -> Adaptation:
-    """Load the CLIP, build the zero-shot head, fit the views, pick the threshold and score zero-shot.
+class StoreFeatureCache:
+    """The instant method's feature cache in the artifacts store (`features/<tower>/<images>`),
+    shared by every job on the same image tower and images."""
 
-    A job that already has a checkpoint (local or in the store) trains on the views it chose then.
-    """
-    ctx.set_phase(JobPhase.SCORING_ZERO_SHOT)
-    checkpoint_dir = _checkpoint_dir(ctx)
-    _restore_checkpoint(ctx, checkpoint_dir)
-    hparams = {"checkpoint_every": ctx.settings.worker.checkpoint_every, **(request.hparams or {})}
+    def __init__(self, ctx: JobContext) -> None:
+        self.ctx = ctx
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            return self.ctx.store.read_bytes(
+                self.ctx.key(keys.features_key(key)), max_bytes=MAX_FEATURE_BYTES
+            )
+        except ObjectNotFound:
+            return None
+
+    def put(self, key: str, data: bytes) -> None:
+        self.ctx.store.write_bytes(self.ctx.key(keys.features_key(key)), data)
+
+
+def _model_spec(ctx: JobContext, request: AdaptationCreate) -> ModelSpec:
     model = request.model
-    spec = ModelSpec(
+    return ModelSpec(
         arch=model.arch,
         pretrained=model.pretrained,
         checkpoint=_local_model_file(model.checkpoint, ctx),
@@ -215,7 +231,55 @@ def _start(ctx: JobContext, request: AdaptationCreate, staged: StagedImages) -> 
         allow_download=ctx.settings.models.allow_downloads,
         download_timeout=ctx.settings.models.download_timeout_seconds,
     )
-    return start(
+
+
+def _start_instant(
+    ctx: JobContext, request: AdaptationCreate, staged: StagedImages, spec: ModelSpec
+) -> InstantRun:
+    return start_instant(
+        staged.paths,
+        request.class_names,
+        model=spec,
+        templates=request.templates,
+        config=MustConfig.from_dict(request.hparams or {}),
+        device=ctx.device,
+        descriptions=request.class_descriptions,
+        cache=StoreFeatureCache(ctx),
+    )
+
+
+def _warm_head(
+    ctx: JobContext, request: AdaptationCreate, staged: StagedImages, spec: ModelSpec
+) -> tuple[torch.Tensor | None, dict[str, Any] | None]:
+    """For `warm_start: "instant"`: the instant head if the guard accepts it, and what happened."""
+    if request.warm_start != INSTANT:
+        return None, None
+    # The instant run takes the request's seed and guard settings; MUST's own fields are not its.
+    instant_hparams = {k: v for k, v in (request.hparams or {}).items() if k in INSTANT_HPARAM_NAMES}
+    run = _start_instant(ctx, request.model_copy(update={"hparams": instant_hparams}), staged, spec)
+    run.train(hooks=TrainerHooks(should_cancel=make_cancel_check(ctx.job_id, ctx.session_factory)))
+    decision = run.choose()
+    used = decision.served == INSTANT
+    report = {"method": INSTANT, "used": used, "reason": decision.reason, "guard": decision.to_dict()}
+    log.info("job %s: warm start from the instant head %s", ctx.job_id, "used" if used else "not used")
+    return (run.head if used else None), report
+
+
+def _start(ctx: JobContext, request: AdaptationCreate, staged: StagedImages) -> Run:
+    """Set the job's method up: for MUST, load the CLIP, build the zero-shot head, fit the views,
+    pick the threshold and score zero-shot; for the instant method, load the CLIP and its head.
+
+    A MUST job that already has a checkpoint (local or in the store) trains on the views it chose then.
+    """
+    ctx.set_phase(JobPhase.SCORING_ZERO_SHOT)
+    spec = _model_spec(ctx, request)
+    if request.method == INSTANT:
+        return _start_instant(ctx, request, staged, spec)
+    checkpoint_dir = _checkpoint_dir(ctx)
+    _restore_checkpoint(ctx, checkpoint_dir)
+    head, warm = _warm_head(ctx, request, staged, spec)
+    hparams = {"checkpoint_every": ctx.settings.worker.checkpoint_every, **(request.hparams or {})}
+    run = start(
         staged.paths,
         request.class_names,
         model=spec,
@@ -224,7 +288,10 @@ def _start(ctx: JobContext, request: AdaptationCreate, staged: StagedImages) -> 
         device=ctx.device,
         checkpoint_dir=checkpoint_dir,
         descriptions=request.class_descriptions,
+        initial_head=head,
     )
+    run.warm_start = warm
+    return run
 
 
 def _checkpoint_dir(ctx: JobContext) -> Path:
@@ -295,7 +362,7 @@ def _publish_checkpoint(ctx: JobContext, files: CheckpointFiles, lost: threading
     ctx.store_logs()
 
 
-def _train(ctx: JobContext, run: Adaptation, lost: threading.Event) -> FitResult:
+def _train(ctx: JobContext, run: Run, lost: threading.Event) -> FitResult:
     """Resume from the stored checkpoint if any, then train, publishing every checkpoint."""
     ctx.set_phase(JobPhase.TRAINING)
     checkpoint_dir = _checkpoint_dir(ctx)
@@ -317,7 +384,7 @@ def _train(ctx: JobContext, run: Adaptation, lost: threading.Event) -> FitResult
 
 
 def _export(
-    ctx: JobContext, request: AdaptationCreate, run: Adaptation, result: FitResult, staged: StagedImages
+    ctx: JobContext, request: AdaptationCreate, run: Run, result: FitResult, staged: StagedImages
 ) -> Manifest:
     """Export the classifier the guard chose and publish its weights, then its manifest."""
     ctx.set_phase(JobPhase.EXPORTING)
@@ -340,7 +407,7 @@ def _publish_classifier(ctx: JobContext, out_dir: Path) -> None:
 
 
 def _evaluate(
-    ctx: JobContext, run: Adaptation, manifest: Manifest, eval_set: LabelledImages | None
+    ctx: JobContext, run: Run, manifest: Manifest, eval_set: LabelledImages | None
 ) -> dict[str, Any] | None:
     """Score the candidates on the labelled set and add the scores to the published manifest.
 
@@ -375,6 +442,8 @@ def _run(ctx: JobContext, lost: threading.Event) -> None:
     decision = run.decision
     outcome = {
         **(decision.to_dict() if decision else {}),
+        "method": request.method,
+        "warm_start": getattr(run, "warm_start", None),
         "views": run.views.to_dict() if run.views else None,
         "threshold": run.threshold,
         "predictions": manifest.metrics.get("predictions"),

@@ -28,7 +28,7 @@ from services.must.checkpoint import read_latest
 from services.must.classifier import validate_class_names, validate_templates
 from services.must.config import MustConfig, resolve
 from services.must.data import SkipReport, scan_folder
-from services.must.errors import DatasetError
+from services.must.errors import ConfigError, DatasetError
 from services.must.evaluation import score_classifier
 from services.must.export import Manifest, export_classifier
 from services.must.guard import (
@@ -227,6 +227,8 @@ class Adaptation:
     decision: Decision | None = None
     # Every candidate's guard-sample outputs seen in this process, by candidate name.
     seen: dict[str, Outputs] = field(default_factory=dict)
+    # How the run started when asked to start from the instant method's head (None: not asked).
+    warm_start: dict[str, Any] | None = None
 
     @property
     def threshold(self) -> list[float]:
@@ -386,6 +388,7 @@ class Adaptation:
             "predictions": self.predictions(decision),
             "class_descriptions": self.prepared.descriptions,
             "last_step": result.history[-1] if result.history else {},
+            **({"warm_start": self.warm_start} if self.warm_start is not None else {}),
         }
         return export_classifier(
             self.served_classifier(decision),
@@ -408,11 +411,14 @@ def start(
     device: torch.device | str | None = None,
     checkpoint_dir: Path | None = None,
     descriptions: Mapping[str, str] | None = None,
+    initial_head: torch.Tensor | None = None,
 ) -> Adaptation:
     """Resolve the defaults for these images, load the CLIP, fit the views, choose the threshold
     and score zero-shot for the guard, all without labels.
 
     With a `checkpoint_dir` that holds a checkpoint, the views it was trained with are kept.
+    With an `initial_head` (the instant method's), teacher and student start from it instead of
+    the text head; the views are still fitted, and the guard still compares with, zero-shot.
     """
     device = torch.device(device) if device is not None else default_device()
     cfg = resolve((config or MustConfig()).validate(), len(paths))
@@ -423,13 +429,24 @@ def start(
     fitted, views = fit_student_views(prepared, paths, cfg, device)
     # A resumed run keeps the views it trained with, even where a new measurement would differ.
     cfg = _stored_views(checkpoint_dir, cfg) or fitted
-    threshold = calibrate(prepared, paths, cfg, device)
     guard_paths = sample_paths(paths, cfg.guard_images)
+    # Before the head may change: the guard's reference is the classifier the user started with.
+    # (guard_outputs forks the RNG, so this order leaves calibration's random streams as they were.)
     zero_shot = guard_outputs(prepared.network, prepared.clip.preprocess, guard_paths, cfg, device)
+    if initial_head is not None:
+        _set_head(prepared.network, initial_head)
+    threshold = calibrate(prepared, paths, cfg, device)
     task = MustTask(prepared.network, cfg, threshold.to(device))
     run = Adaptation(prepared, task, cfg, list(paths), device, Guard(zero_shot), guard_paths, views)
     run.seen[ZERO_SHOT] = zero_shot
     return run
+
+
+def _set_head(network: MustNetwork, head: torch.Tensor) -> None:
+    if tuple(head.shape) != tuple(network.head.shape):
+        raise ConfigError(f"initial head has shape {tuple(head.shape)}, expected {tuple(network.head.shape)}")
+    with torch.no_grad():
+        network.head.copy_(head.to(network.head.device, network.head.dtype))
 
 
 @dataclass

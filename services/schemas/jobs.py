@@ -85,6 +85,11 @@ HPARAM_TYPES: dict[str, Any] = {
     "num_workers": Annotated[int, Field(strict=True, ge=0, le=64)],
 }
 HPARAM_NAMES: frozenset[str] = frozenset(HPARAM_TYPES)
+# The hyperparameters the instant method uses (the guard's, the seed and the feature pass's);
+# the others belong to MUST's training and are refused for an instant job, not ignored.
+INSTANT_HPARAM_NAMES: frozenset[str] = frozenset(
+    {"guard_images", "guard_margin", "seed", "precision", "num_workers"}
+)
 _HPARAM_ADAPTERS: dict[str, TypeAdapter[Any]] = {name: TypeAdapter(tp) for name, tp in HPARAM_TYPES.items()}
 
 
@@ -286,6 +291,18 @@ class AdaptationCreate(BaseModel):
         default=None, description=f"Hyperparameter overrides; known names: {', '.join(sorted(HPARAM_NAMES))}"
     )
     eval: EvalSpec | None = None
+    method: Literal["must", "instant"] = Field(
+        default="must",
+        description='"must": train the image tower and head (hours on large sets); "instant": a '
+        "training-free, transductive fit of the head on the images' features (seconds to minutes). "
+        "Both are judged by the same label-free guard, which serves zero-shot when they do not beat it",
+    )
+    warm_start: Literal["instant"] | None = Field(
+        default=None,
+        description='MUST only: "instant" runs the instant method on the same images first (its '
+        "features are cached) and starts MUST's teacher and student from its head when the guard "
+        "accepts it; otherwise MUST starts from zero-shot and the job says so",
+    )
     name: str | None = Field(
         default=None,
         min_length=1,
@@ -331,6 +348,22 @@ class AdaptationCreate(BaseModel):
     @classmethod
     def _hparams(cls, values: dict[str, Any] | None) -> dict[str, Any] | None:
         return None if values is None else check_hparams(values)
+
+    @model_validator(mode="after")
+    def _method_fields(self) -> Self:
+        if self.method != "instant":
+            return self
+        if self.warm_start is not None:
+            raise ValueError(
+                "warm_start applies to method 'must' only (it starts MUST from the instant head)"
+            )
+        unused = sorted(set(self.hparams or {}) - INSTANT_HPARAM_NAMES)
+        if unused:
+            raise ValueError(
+                f"hyperparameter(s) {_listed(unused)} train MUST and do not apply to method 'instant'; "
+                f"it accepts: {', '.join(sorted(INSTANT_HPARAM_NAMES))}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _descriptions_name_classes(self) -> Self:
@@ -434,7 +467,7 @@ _PUBLIC_EXAMPLE: dict[str, Any] = {
 class GuardCandidate(BaseModel):
     """One classifier the label-free guard considered, with its scores (see services/must/guard.py)."""
 
-    name: str = Field(description='"zero_shot", "teacher", "student" or "teacher@<step>"')
+    name: str = Field(description='"zero_shot", "teacher", "student", "teacher@<step>" or "instant"')
     step: int
     margin: float = Field(description="The criterion: neighbourhood gain over zero-shot, in both spaces")
     gain_zs_space: float
@@ -451,6 +484,12 @@ class Outcome(BaseModel):
     served: str
     reason: str
     candidates: list[GuardCandidate]
+    method: Literal["must", "instant"] = "must"
+    warm_start: dict[str, Any] | None = Field(
+        default=None,
+        description='With `warm_start: "instant"`: whether MUST started from the instant head '
+        "(`used`), and the instant run's guard decision",
+    )
     views: dict[str, Any] | None = Field(
         default=None, description="The student's view strength fitted without labels, and its agreement"
     )
@@ -495,7 +534,8 @@ class EvaluationReport(BaseModel):
     class_names: list[str]
     served: str = Field(description="The classifier the job serves (the `served` candidate is that one)")
     candidates: dict[str, EvalScore] = Field(
-        description='Keys "zero_shot", "teacher", "student" and "served"'
+        description='Keys "zero_shot", "teacher", "student" and "served" (MUST), or "zero_shot", '
+        '"instant" and "served" (instant)'
     )
 
 

@@ -74,3 +74,15 @@ def classifier_manifest_key(job_id: str) -> str:
 def metrics_key(job_id: str) -> str:
     """The job's metric history as JSON lines."""
     return f"{adaptation_prefix(job_id)}metrics.jsonl"
+
+
+# Image features of the instant method, shared by every job of the same image tower and images.
+FEATURES_FOLDER = "features"
+
+
+def features_key(cache_key: str) -> str:
+    """The cached features the engine names `<tower sha256>/<images sha256>.safetensors`."""
+    parts = cache_key.split("/")
+    if len(parts) != 2:
+        raise InvalidRequest(f"invalid features cache key {cache_key!r}")
+    return f"{FEATURES_FOLDER}/{_segment(parts[0], 'tower digest')}/{_segment(parts[1], 'features name')}"
