@@ -40,6 +40,8 @@ from services.must.errors import ConfigError
 
 # Similarities computed at a time (rows x N): about 1 GB of floats at any N.
 KNN_BLOCK = 1 << 28
+# Neighbour messages gathered at a time (rows x k x K): about 256 MB of floats.
+SPREAD_BLOCK = 1 << 26
 _VARIANCE_FLOOR = 1e-6
 
 
@@ -90,13 +92,20 @@ class Graph:
     index: torch.Tensor
     weight: torch.Tensor
 
-    def spread(self, q: torch.Tensor) -> torch.Tensor:
-        """sum_j w_ij q_j over both directions of every edge: [N, K]."""
-        if self.index.numel() == 0:
-            return torch.zeros_like(q)
-        out = (self.weight.unsqueeze(-1) * q[self.index]).sum(1)
-        back = (self.weight.unsqueeze(-1) * q.unsqueeze(1)).reshape(-1, q.shape[1])
-        return out.index_add_(0, self.index.reshape(-1), back)
+    def spread(self, q: torch.Tensor, block: int = SPREAD_BLOCK) -> torch.Tensor:
+        """sum_j w_ij q_j over both directions of every edge: [N, K], in chunks of rows
+        (a whole [N, k, K] gather would be ~15 GB for ImageNet's 1.28M images and 1,000 classes)."""
+        out = torch.zeros_like(q)
+        n, k = self.index.shape
+        if k == 0:
+            return out
+        rows = max(1, block // (k * q.shape[1]))
+        for start in range(0, n, rows):
+            index, weight = self.index[start : start + rows], self.weight[start : start + rows, :, None]
+            out[start : start + rows] += (weight * q[index]).sum(1)
+            back = (weight * q[start : start + rows, None, :]).reshape(-1, q.shape[1])
+            out.index_add_(0, index.reshape(-1), back)
+        return out
 
 
 def knn_graph(features: torch.Tensor, k: int, block: int = KNN_BLOCK) -> Graph:

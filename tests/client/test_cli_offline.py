@@ -36,6 +36,10 @@ def test_adapt_arguments_become_a_request(tmp_path: Path) -> None:
     assert args.wait
     assert args.hparams == {"mask_ratio": 0.4}
     assert build_parser().parse_args(["adapt", "s3://b/", "--classes", "a, b,c"]).classes == ["a", "b", "c"]
+    instant = build_parser().parse_args(["adapt", "s3://b/", "--classes", "a,b", "--method", "instant"])
+    assert (instant.method, instant.warm_start) == ("instant", None)
+    warm = build_parser().parse_args(["adapt", "s3://b/", "--classes", "a,b", "--warm-start", "instant"])
+    assert (warm.method, warm.warm_start) == (None, "instant")
 
 
 @pytest.mark.parametrize(

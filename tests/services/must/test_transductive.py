@@ -141,3 +141,12 @@ def test_config_refuses_unknown_names_and_bad_values() -> None:
     with pytest.raises(ConfigError, match="iterations"):
         InstantConfig.from_dict({"iterations": 0})
     assert InstantConfig.from_dict({"anchor": 0.0}).anchor == 0.0
+
+
+def test_spread_in_chunks_equals_the_whole() -> None:
+    g = torch.Generator().manual_seed(1)
+    z = F.normalize(torch.randn(40, 6, generator=g), dim=1)
+    q = torch.rand(40, 5, generator=g).softmax(1)
+    graph = knn_graph(z, k=3)
+
+    assert torch.allclose(graph.spread(q), graph.spread(q, block=3 * 5 * 7), atol=1e-6)
