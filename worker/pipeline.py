@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import threading
 import traceback
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,12 +39,20 @@ from services.locations import check_request_locations
 from services.must.adapt import Adaptation, default_device, start
 from services.must.checkpoint import LATEST, CheckpointFiles, read_latest
 from services.must.config import MustConfig
-from services.must.errors import Cancelled, CheckpointError, ConfigError, ModelLoadError, MustError
+from services.must.data import Labelled
+from services.must.errors import (
+    Cancelled,
+    CheckpointError,
+    ConfigError,
+    DatasetError,
+    ModelLoadError,
+    MustError,
+)
 from services.must.export import MANIFEST, WEIGHTS, Manifest
 from services.must.instant import INSTANT, InstantRun, start_instant
 from services.must.loading import ModelSpec, pretrained_file, resolve_model_config
 from services.must.trainer import FitResult, TrainerHooks
-from services.schemas.jobs import INSTANT_HPARAM_NAMES, AdaptationCreate
+from services.schemas.jobs import INSTANT_HPARAM_NAMES, MAX_LABELLED_PER_CLASS, AdaptationCreate
 from services.storage import keys
 from services.storage.base import ObjectStore
 from services.storage.object_store import local_copy, open_store, publish
@@ -193,6 +202,28 @@ def _stage_dataset(ctx: JobContext, request: AdaptationCreate) -> StagedImages:
     return staged
 
 
+def _stage_labelled(ctx: JobContext, request: AdaptationCreate) -> Labelled | None:
+    """Few-label mode's images: every class 1..MAX_LABELLED_PER_CLASS of them, or a DatasetError."""
+    if request.labelled is None:
+        return None
+    staged = stage_eval_set(
+        request.labelled.uri, ctx.work_dir / "labelled", ctx.settings, request.class_names, "labelled set"
+    )
+    counts = Counter(staged.labels)
+    names = request.class_names
+    missing = [names[i] for i in range(len(names)) if counts[i] == 0]
+    if missing:
+        raise DatasetError(f"labelled set: no image for {len(missing)} class(es): {', '.join(missing[:10])}")
+    over = [f"{names[i]} ({n})" for i, n in sorted(counts.items()) if n > MAX_LABELLED_PER_CLASS]
+    if over:
+        raise DatasetError(
+            f"labelled set: few-label mode takes 1..{MAX_LABELLED_PER_CLASS} images per class; "
+            f"more for {', '.join(over[:10])}"
+        )
+    log.info("job %s: labelled set of %d images staged", ctx.job_id, len(staged.paths))
+    return Labelled(staged.paths, staged.labels)
+
+
 def _stage_eval_set(ctx: JobContext, request: AdaptationCreate) -> LabelledImages | None:
     """Download the labelled eval set before training, so a bad one fails the job in minutes."""
     if request.eval is None:
@@ -234,7 +265,11 @@ def _model_spec(ctx: JobContext, request: AdaptationCreate) -> ModelSpec:
 
 
 def _start_instant(
-    ctx: JobContext, request: AdaptationCreate, staged: StagedImages, spec: ModelSpec
+    ctx: JobContext,
+    request: AdaptationCreate,
+    staged: StagedImages,
+    spec: ModelSpec,
+    labelled: Labelled | None,
 ) -> InstantRun:
     return start_instant(
         staged.paths,
@@ -245,18 +280,23 @@ def _start_instant(
         device=ctx.device,
         descriptions=request.class_descriptions,
         cache=StoreFeatureCache(ctx),
+        labelled=labelled,
     )
 
 
 def _warm_head(
-    ctx: JobContext, request: AdaptationCreate, staged: StagedImages, spec: ModelSpec
+    ctx: JobContext,
+    request: AdaptationCreate,
+    staged: StagedImages,
+    spec: ModelSpec,
+    labelled: Labelled | None,
 ) -> tuple[torch.Tensor | None, dict[str, Any] | None]:
     """For `warm_start: "instant"`: the instant head if the guard accepts it, and what happened."""
     if request.warm_start != INSTANT:
         return None, None
     # The instant run takes the request's seed and guard settings; MUST's own fields are not its.
     instant_hparams = {k: v for k, v in (request.hparams or {}).items() if k in INSTANT_HPARAM_NAMES}
-    run = _start_instant(ctx, request.model_copy(update={"hparams": instant_hparams}), staged, spec)
+    run = _start_instant(ctx, request.model_copy(update={"hparams": instant_hparams}), staged, spec, labelled)
     run.train(hooks=TrainerHooks(should_cancel=make_cancel_check(ctx.job_id, ctx.session_factory)))
     decision = run.choose()
     used = decision.served == INSTANT
@@ -273,11 +313,12 @@ def _start(ctx: JobContext, request: AdaptationCreate, staged: StagedImages) -> 
     """
     ctx.set_phase(JobPhase.SCORING_ZERO_SHOT)
     spec = _model_spec(ctx, request)
+    labelled = _stage_labelled(ctx, request)
     if request.method == INSTANT:
-        return _start_instant(ctx, request, staged, spec)
+        return _start_instant(ctx, request, staged, spec, labelled)
     checkpoint_dir = _checkpoint_dir(ctx)
     _restore_checkpoint(ctx, checkpoint_dir)
-    head, warm = _warm_head(ctx, request, staged, spec)
+    head, warm = _warm_head(ctx, request, staged, spec, labelled)
     hparams = {"checkpoint_every": ctx.settings.worker.checkpoint_every, **(request.hparams or {})}
     run = start(
         staged.paths,
@@ -289,6 +330,7 @@ def _start(ctx: JobContext, request: AdaptationCreate, staged: StagedImages) -> 
         checkpoint_dir=checkpoint_dir,
         descriptions=request.class_descriptions,
         initial_head=head,
+        labelled=labelled,
     )
     run.warm_start = warm
     return run

@@ -32,7 +32,7 @@ from safetensors.torch import load, save
 
 from services.must.adapt import Prepared, _batches, _Seedless, default_device, prepare
 from services.must.config import MustConfig
-from services.must.data import SkipReport
+from services.must.data import Labelled, SkipReport
 from services.must.errors import Cancelled, CheckpointError
 from services.must.evaluation import score_classifier
 from services.must.export import Manifest, export_classifier
@@ -40,7 +40,7 @@ from services.must.guard import ZERO_SHOT, Decision, Guard, Outputs, decide
 from services.must.inference import ImageClassifier
 from services.must.loading import ModelSpec
 from services.must.trainer import FitResult, StepMetrics, TrainerHooks, autocast_dtype, describe
-from services.must.transductive import InstantConfig, distill_head, transduce
+from services.must.transductive import InstantConfig, distill_head, prototype_head, transduce
 from services.must.transforms import eval_transform
 from services.must.views import autocast_or_not, sample_paths
 
@@ -162,15 +162,17 @@ class InstantRun:
     views: None = None
     threshold: list[float] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    # Few-label mode: the labelled images and their class indices (see `transductive.transduce`).
+    labelled: Labelled | None = None
 
-    def _encode(self, progress: _Progress) -> torch.Tensor:
+    def _encode(self, paths: Sequence[Path], progress: _Progress) -> torch.Tensor:
         """Unit image features [N, D] of every image, as served (eval view, rounded to fp16)."""
         views = _Seedless(eval_transform(self.prepared.clip.preprocess))
         dtype = autocast_dtype(self.config.precision, self.device)
         visual = self.prepared.network.visual.eval()
         rows = []
         with torch.no_grad():
-            for x in _batches(self.paths, views, self.config, self.device):
+            for x in _batches(paths, views, self.config, self.device):
                 with autocast_or_not(self.device, dtype):
                     f = visual(x.to(self.device))
                 rows.append(torch.nn.functional.normalize(f.float(), dim=-1).cpu())
@@ -178,18 +180,18 @@ class InstantRun:
         # Rounded as the cache stores them, so a cached rerun computes exactly what this one does.
         return torch.cat(rows).half().float()
 
-    def _features(self, progress: _Progress) -> torch.Tensor:
+    def _features(self, paths: Sequence[Path], progress: _Progress) -> torch.Tensor:
         """The cached features when the cache has this tower's features of these images, else encoded."""
         key = None
         if self.cache is not None:
             tower = tower_digest(self.prepared.network.visual, self.prepared.clip.preprocess)
-            key = features_cache_key(tower, images_digest(self.paths))
+            key = features_cache_key(tower, images_digest(paths))
             data = self.cache.get(key)
             if data is not None:
-                self.cache_hit = True
-                progress.advance(steps=_encode_steps(len(self.paths)), images=len(self.paths))
-                return features_from_bytes(data, len(self.paths))
-        features = self._encode(progress)
+                self.cache_hit = paths is self.paths or self.cache_hit
+                progress.advance(steps=_encode_steps(len(paths)), images=len(paths))
+                return features_from_bytes(data, len(paths))
+        features = self._encode(paths, progress)
         if self.cache is not None and key is not None:
             self.cache.put(key, features_to_bytes(features))
         return features
@@ -197,20 +199,37 @@ class InstantRun:
     def _text_head(self) -> torch.Tensor:
         return self.prepared.network.head.detach().float()
 
+    def _anchored(self, progress: _Progress) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """All features, the head the fit starts from, and each row's known class (-1: unlabelled).
+
+        Without labels: the unlabelled features and the text head. In few-label mode the labelled
+        images join the features with their classes, and the head mixes in their class prototypes.
+        """
+        assert self.features is not None
+        text_head = self._text_head()
+        if self.labelled is None:
+            return self.features.to(self.device), text_head, None
+        z_lab = self._features(self.labelled.paths, progress).to(self.device)
+        labels = torch.as_tensor(self.labelled.labels, device=self.device)
+        known = torch.cat([torch.full((len(self.features),), -1, device=self.device), labels])
+        head = prototype_head(text_head, z_lab, labels)
+        return torch.cat([self.features.to(self.device), z_lab]), head, known
+
     def train(self, checkpoint_dir: Path | None = None, hooks: TrainerHooks | None = None) -> FitResult:
         """Encode (or read) the features, fit the labels and distil the head; `checkpoint_dir` is
         unused (the feature cache is what a rerun resumes from)."""
         cfg = self.instant
-        total = _encode_steps(len(self.paths)) + cfg.iterations + cfg.distill_steps
-        progress = _Progress(hooks or TrainerHooks(), total)
+        labelled = len(self.labelled.paths) if self.labelled is not None else 0
+        encode = _encode_steps(len(self.paths)) + (_encode_steps(labelled) if labelled else 0)
+        progress = _Progress(hooks or TrainerHooks(), encode + cfg.iterations + cfg.distill_steps)
         began = time.perf_counter()
-        self.features = self._features(progress)
-        self.timings["features_s"] = round(time.perf_counter() - began, 3)
+        self.features = self._features(self.paths, progress)
         # The fit runs where the model does: on a GPU, N x N similarities in chunks stay fast.
-        z, text_head = self.features.to(self.device), self._text_head()
+        z, start_head, known = self._anchored(progress)
+        self.timings["features_s"] = round(time.perf_counter() - began, 3)
         scale = self.prepared.network.logit_scale
-        zero_shot = (scale * z @ text_head).softmax(1)
-        q = transduce(z, zero_shot, cfg, on_iteration=lambda _: progress.advance())
+        zero_shot = (scale * z @ start_head).softmax(1)
+        q = transduce(z, zero_shot, cfg, on_iteration=lambda _: progress.advance(), known=known)
         done = 0
 
         def on_distill(step: int, loss: float) -> None:
@@ -219,7 +238,7 @@ class InstantRun:
                 progress.advance(steps=step - done, losses={"distill": loss})
                 done = step
 
-        self.head = distill_head(z, q, text_head, scale, cfg, on_step=on_distill).cpu()
+        self.head = distill_head(z, q, start_head, scale, cfg, on_step=on_distill).cpu()
         self.timings["fit_s"] = round(time.perf_counter() - began - self.timings["features_s"], 3)
         history = [describe(progress.last)] if progress.last is not None else []
         return FitResult(0, progress.step, time.perf_counter() - began, progress.last, history)
@@ -287,6 +306,7 @@ class InstantRun:
             "images_used": len(self.paths),
             "images_skipped": skipped.to_dict(),
             "instant": {**self.instant.to_dict(), "features_cached": self.cache_hit, **self.timings},
+            **({"labelled": self.labelled.summary(len(self.prepared.class_names))} if self.labelled else {}),
             "guard": decision.to_dict(),
             "predictions": self.predictions(decision),
             "class_descriptions": self.prepared.descriptions,
@@ -334,12 +354,16 @@ def start_instant(
     device: torch.device | str | None = None,
     descriptions: dict[str, str] | None = None,
     cache: FeatureCache | None = None,
+    labelled: Labelled | None = None,
 ) -> InstantRun:
-    """Load the CLIP and build the zero-shot head; `train()` does the rest."""
+    """Load the CLIP and build the zero-shot head; `train()` does the rest (with `labelled`
+    images and classes in few-label mode)."""
     device = torch.device(device) if device is not None else default_device()
     cfg = (config or MustConfig()).validate()
     prepared = prepare(model, class_names, templates, device, descriptions)
     guard_paths = sample_paths(paths, cfg.guard_images)
-    return InstantRun(
+    run = InstantRun(
         prepared, cfg, (instant or InstantConfig()).validate(), list(paths), device, cache, guard_paths
     )
+    run.labelled = labelled
+    return run

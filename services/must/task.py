@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from services.must.config import MustConfig
+from services.must.data import LabelledBatches
 from services.must.guard import SnapshotMemory
 from services.must.losses import (
     alignment_loss,
@@ -21,6 +23,9 @@ from services.must.losses import (
 from services.must.masking import token_mask_to_pixels
 from services.must.network import MustNetwork
 from services.must.teacher import EmaTeacher
+
+# Few-label mode: the weight of the cross-entropy on the labelled images beside MUST's losses.
+SUPERVISED_WEIGHT = 1.0
 
 
 class MustTask(nn.Module):
@@ -46,6 +51,8 @@ class MustTask(nn.Module):
         self.fairness_momentum = ema_momentum(config.batch_size, fairness_window(k, config.fairness_samples))
         # The guard's best teacher snapshot so far (starts as the zero-shot network), see guard.py.
         self.snapshots = SnapshotMemory(student)
+        # Few-label mode: a seeded batch of labelled images per step (None: no labels).
+        self.labelled: LabelledBatches | None = None
 
     def train(self, mode: bool = True) -> MustTask:
         super().train(mode)
@@ -53,9 +60,14 @@ class MustTask(nn.Module):
         return self
 
     def training_forward(
-        self, weak: torch.Tensor, strong: torch.Tensor, token_mask: torch.Tensor
+        self,
+        weak: torch.Tensor,
+        strong: torch.Tensor,
+        token_mask: torch.Tensor,
+        labelled: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Losses for one batch: teacher on the weak view, student on the masked strong view."""
+        """Losses for one batch: teacher on the weak view, student on the masked strong view, and
+        in few-label mode a cross-entropy of the student on a batch of labelled images."""
         cfg = self.config
         # classify() computes logits in fp32 even under autocast: pseudo-labels and the threshold
         # compare probabilities that bf16 logits (scale 100) would shift by several percent.
@@ -85,6 +97,10 @@ class MustTask(nn.Module):
             )
         loss = l_self + cfg.fairness_weight * l_fair + cfg.mim_weight * l_mim + cfg.align_weight * l_align
         out = {"loss": loss, "self_training": l_self, "fairness": l_fair, "mim": l_mim, "align": l_align}
+        if labelled is not None:
+            images, labels = labelled
+            out["supervised"] = F.cross_entropy(self.student(images), labels)
+            out["loss"] = loss + SUPERVISED_WEIGHT * out["supervised"]
         stats = label_free_stats(teacher_probs, student_probs.detach(), keep)
         out.update({k: torch.tensor(v) for k, v in stats.items()})
         return out

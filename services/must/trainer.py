@@ -197,8 +197,12 @@ class _Run:
             if self.dtype is not None
             else contextlib.nullcontext()
         )
+        labelled = None
+        if task.labelled is not None:
+            images, labels = task.labelled.batch(step)
+            labelled = (images.to(self.device, non_blocking=True), labels.to(self.device))
         with amp:
-            out = task.training_forward(weak, strong, mask)
+            out = task.training_forward(weak, strong, mask, labelled)
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         if cfg.grad_clip:
@@ -211,7 +215,7 @@ class _Run:
         return values, lr, decay
 
 
-_LOSS_KEYS = ("loss", "self_training", "fairness", "mim", "align")
+_LOSS_KEYS = ("loss", "self_training", "fairness", "mim", "align", "supervised")
 
 
 def fit(
@@ -254,7 +258,7 @@ def fit(
             images_per_sec=weak.shape[0] / max(now - tick, 1e-9),
             lr=lr,
             ema_decay=decay,
-            losses={k: values[k] for k in _LOSS_KEYS},
+            losses={k: values[k] for k in _LOSS_KEYS if k in values},
             stats={k: v for k, v in values.items() if k not in _LOSS_KEYS},
             elapsed_s=now - start,
         )

@@ -162,21 +162,50 @@ def transduce(
     zero_shot: torch.Tensor,
     cfg: InstantConfig,
     on_iteration: Callable[[int], None] | None = None,
+    known: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Soft labels [N, K] of the images from their unit features and zero-shot probabilities."""
+    """Soft labels [N, K] of the images from their unit features and zero-shot probabilities.
+
+    `known` [N] (few-label mode) holds the class of each labelled image and -1 elsewhere: those
+    rows stay one-hot, so they anchor the class statistics and, through the graph, their neighbours.
+    """
     log_zs = zero_shot.clamp_min(1e-12).log()
     graph = knn_graph(z, cfg.neighbours)
-    q = zero_shot.clone()
+    rows = known >= 0 if known is not None else None
+    q = _clamped(zero_shot.clone(), known, rows)
     anchor_means = (zero_shot.T @ z) / zero_shot.sum(0).clamp_min(1e-12).unsqueeze(1)
     for it in range(cfg.iterations):
         stats = class_statistics(z, q, anchor_means, cfg.anchor)
         fixed = cfg.text_weight * log_zs + stats.log_likelihood(z)
         fixed = fixed + cfg.prior_weight * stats.log_prior
         for _ in range(cfg.inner):
-            q = (fixed + cfg.smoothing * graph.spread(q)).softmax(1)
+            q = _clamped((fixed + cfg.smoothing * graph.spread(q)).softmax(1), known, rows)
         if on_iteration is not None:
             on_iteration(it + 1)
     return q
+
+
+def _clamped(q: torch.Tensor, known: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor:
+    """q with the labelled rows set to their one-hot labels."""
+    if known is None or rows is None or not bool(rows.any()):
+        return q
+    q[rows] = F.one_hot(known[rows], q.shape[1]).to(q.dtype)
+    return q
+
+
+def prototype_head(text_head: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Few-label mode: each text column mixed half and half with its class's mean labelled image
+    feature (both unit length, the sum renormalised). The image side carries what the labels show
+    and the text side what they are too few to; every class needs at least one image."""
+    k = text_head.shape[1]
+    counts = torch.bincount(labels, minlength=k)
+    if bool((counts == 0).any()):
+        missing = (counts == 0).nonzero().flatten().tolist()
+        raise ConfigError(f"few-label mode needs an image of every class; none for class indices {missing}")
+    sums = torch.zeros(k, features.shape[1], dtype=features.dtype, device=features.device)
+    sums.index_add_(0, labels, features)
+    prototypes = F.normalize(sums, dim=1).T.to(text_head.dtype)
+    return F.normalize(F.normalize(text_head, dim=0) + prototypes, dim=0)
 
 
 def distill_head(

@@ -85,6 +85,8 @@ HPARAM_TYPES: dict[str, Any] = {
     "num_workers": Annotated[int, Field(strict=True, ge=0, le=64)],
 }
 HPARAM_NAMES: frozenset[str] = frozenset(HPARAM_TYPES)
+# Few-label mode's limit: beyond a few images per class a fine-tuning method is the better tool.
+MAX_LABELLED_PER_CLASS = 16
 # The hyperparameters the instant method uses (the guard's, the seed and the feature pass's);
 # the others belong to MUST's training and are refused for an instant job, not ignored.
 INSTANT_HPARAM_NAMES: frozenset[str] = frozenset(
@@ -242,6 +244,23 @@ class EvalSpec(BaseModel):
     _uri = field_validator("uri")(_storage_uri)
 
 
+class LabelledSpec(BaseModel):
+    """Few-label mode: a few labelled images per class that train beside the unlabeled ones."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    uri: str = Field(
+        description="The eval set's layouts (a folder per class, or a `.csv`/`.jsonl` manifest); "
+        f"1..{MAX_LABELLED_PER_CLASS} images for every class, labels must be class names. They train "
+        "(MUST: a cross-entropy beside its losses; both methods: class prototypes mixed into the head "
+        "and, for the instant method, fixed labels in its fit); the guard that picks what is served "
+        "stays label-free",
+        examples=["s3://my-images/few-labels/"],
+    )
+
+    _uri = field_validator("uri")(_storage_uri)
+
+
 _CREATE_EXAMPLE: dict[str, Any] = {
     "class_names": ["cat", "dog", "bird"],
     "class_descriptions": {"bird": "a small bird perched on a branch"},
@@ -291,6 +310,9 @@ class AdaptationCreate(BaseModel):
         default=None, description=f"Hyperparameter overrides; known names: {', '.join(sorted(HPARAM_NAMES))}"
     )
     eval: EvalSpec | None = None
+    labelled: LabelledSpec | None = Field(
+        default=None, description="Few-label mode: a few labelled images per class (see LabelledSpec)"
+    )
     method: Literal["must", "instant"] = Field(
         default="must",
         description='"must": train the image tower and head (hours on large sets); "instant": a '

@@ -3,6 +3,7 @@ SQLite, a real S3-compatible server (moto) and the pretrained shapes CLIP."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 import torch
 from sqlalchemy.orm import Session, sessionmaker
 
+from bench.shapes import CLASS_NAMES, iter_domain
 from services.config import DatabaseSettings, Settings, StorageSettings
 from services.db.models import Job
 from services.jobs import repository
@@ -166,3 +168,109 @@ def test_instant_job_with_a_training_hparam_is_refused_when_run(
 
     assert job.status == JobStatus.FAILED
     assert "do not apply to method 'instant'" in (job.error_message or "")
+
+
+def _labelled_folder(s3_client: Any, bucket: str, per_class: dict[str, int], prefix: str = "few/") -> str:
+    """A folder-per-class labelled set on S3: `per_class[name]` target images of each named class."""
+    wanted = dict(per_class)
+    drawn = iter_domain("target", 400, seed=21)
+    for i, (image, label) in enumerate(drawn):
+        name = CLASS_NAMES[label]
+        if wanted.get(name, 0) > 0:
+            wanted[name] -= 1
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            s3_client.put_object(Bucket=bucket, Key=f"{prefix}{name}/{i}.png", Body=buffer.getvalue())
+        if not any(wanted.values()):
+            break
+    return f"s3://{bucket}/{prefix}"
+
+
+@pytest.mark.parametrize("method", ["instant", "must"])
+def test_few_label_job_trains_on_the_labelled_set(
+    method: str,
+    session_factory: sessionmaker[Session],
+    settings: Settings,
+    dataset_uri: str,
+    s3_client: Any,
+    bucket: str,
+    tmp_path: Path,
+) -> None:
+    uri = _labelled_folder(s3_client, bucket, dict.fromkeys(CLASS_NAMES, 2))
+    request = tiny_request(dataset_uri, labelled={"uri": uri})
+    if method == "instant":
+        request = _instant_request(dataset_uri, labelled={"uri": uri})
+
+    job = _run(create_job(session_factory, request), session_factory, settings, tmp_path)
+
+    assert job.status == JobStatus.SUCCEEDED, job.error_message
+    manifest = _manifest(s3_client, bucket, job.id)
+    assert manifest["metrics"]["labelled"] == {"images": 20, "per_class": [2] * len(CLASS_NAMES)}
+    if method == "must":
+        with session_factory() as session:
+            assert repository.list_metrics(session, job.id)[-1].values["supervised"] > 0
+
+
+@pytest.mark.parametrize(
+    ("per_class", "message"),
+    [
+        (
+            dict.fromkeys(CLASS_NAMES[:-1], 1),
+            f"labelled set: no image for 1 class(es): {CLASS_NAMES[-1]}",
+        ),
+        (dict.fromkeys(CLASS_NAMES, 1) | {CLASS_NAMES[0]: 17}, f"more for {CLASS_NAMES[0]} (17)"),
+    ],
+)
+def test_a_labelled_set_that_misses_a_class_or_has_too_many_fails_clearly(
+    per_class: dict[str, int],
+    message: str,
+    session_factory: sessionmaker[Session],
+    settings: Settings,
+    dataset_uri: str,
+    s3_client: Any,
+    bucket: str,
+    tmp_path: Path,
+) -> None:
+    uri = _labelled_folder(
+        s3_client, bucket, per_class, prefix=f"few-{len(per_class)}-{sum(per_class.values())}/"
+    )
+    job = _run(
+        create_job(session_factory, _instant_request(dataset_uri, labelled={"uri": uri})),
+        session_factory,
+        settings,
+        tmp_path,
+    )
+
+    assert job.status == JobStatus.FAILED
+    assert message in (job.error_message or "")
+
+
+def test_a_label_that_is_not_a_class_name_fails_clearly(
+    session_factory: sessionmaker[Session],
+    settings: Settings,
+    dataset_uri: str,
+    s3_client: Any,
+    bucket: str,
+    tmp_path: Path,
+) -> None:
+    uri = _labelled_folder(s3_client, bucket, dict.fromkeys(CLASS_NAMES, 1), prefix="few-odd/")
+    s3_client.copy_object(
+        Bucket=bucket,
+        Key="few-odd/hexagon/x.png",
+        CopySource={
+            "Bucket": bucket,
+            "Key": next(
+                o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket, Prefix="few-odd/")["Contents"]
+            ),
+        },
+    )
+    job = _run(
+        create_job(session_factory, _instant_request(dataset_uri, labelled={"uri": uri})),
+        session_factory,
+        settings,
+        tmp_path,
+    )
+
+    assert job.status == JobStatus.FAILED
+    assert "labelled set:" in (job.error_message or "")
+    assert "hexagon" in (job.error_message or "")

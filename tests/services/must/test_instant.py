@@ -13,7 +13,7 @@ from bench.shapes import CLASS_NAMES, iter_domain
 from bench.tiny_clip import TINY_CLIP_SPEC
 from services.must.adapt import start
 from services.must.config import MustConfig
-from services.must.data import SkipReport
+from services.must.data import Labelled, SkipReport
 from services.must.errors import Cancelled, CheckpointError
 from services.must.export import load_classifier
 from services.must.guard import ZERO_SHOT
@@ -146,3 +146,65 @@ def test_must_warm_started_from_the_instant_head(images: list[Path], tmp_path: P
     # The guard still compares with the zero-shot classifier the user started from.
     assert torch.equal(warm.seen[ZERO_SHOT].probs, cold.seen[ZERO_SHOT].probs)
     assert not torch.equal(warm.zero_shot_classifier().head, instant.head)
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory: pytest.TempPathFactory) -> Labelled:
+    """Two labelled target images per shape class (another seed than the unlabeled ones)."""
+    folder = tmp_path_factory.mktemp("labelled")
+    paths, labels = _write(folder, 60, seed=11)
+    chosen = [next(i for i, y in enumerate(labels) if y == k) for k in range(len(CLASS_NAMES))]
+    chosen += [max(i for i, y in enumerate(labels) if y == k) for k in range(len(CLASS_NAMES))]
+    return Labelled([paths[i] for i in chosen], [labels[i] for i in chosen])
+
+
+def test_few_label_instant_fit_keeps_the_labels_and_reports_them(
+    images: list[Path], labelled: Labelled, tmp_path: Path
+) -> None:
+    run = start_instant(
+        images,
+        CLASS_NAMES,
+        model=TINY_CLIP_SPEC,
+        templates=["a photo of a {}."],
+        config=MustConfig(guard_images=64),
+        instant=QUICK,
+        device="cpu",
+        labelled=labelled,
+    )
+    steps: list[StepMetrics] = []
+    result = run.train(hooks=TrainerHooks(on_step=steps.append))
+    manifest = run.export(tmp_path / "classifier", result, SkipReport())
+
+    assert steps[-1].total_steps == 1 + 1 + QUICK.iterations + QUICK.distill_steps  # two feature passes
+    assert manifest.metrics["labelled"] == {"images": 20, "per_class": [2] * len(CLASS_NAMES)}
+    assert run.features is not None
+    assert run.features.shape[0] == IMAGES  # the guard and the cache see the unlabeled images only
+    head = run.instant_classifier()
+    pixels = head.preprocess([Image.open(p) for p in labelled.paths])
+    # Fitted with the labelled images' rows fixed: the head reproduces most of their labels.
+    agree = (head.predict(pixels).argmax(1) == torch.tensor(labelled.labels)).float().mean()
+    assert agree >= 0.8
+
+
+def test_few_label_must_starts_from_prototypes_and_adds_a_supervised_loss(
+    images: list[Path], labelled: Labelled, tmp_path: Path
+) -> None:
+    config = MustConfig(total_steps=2, batch_size=8, guard_images=32, checkpoint_every=10)
+    common = {"model": TINY_CLIP_SPEC, "templates": ["a photo of a {}."], "config": config, "device": "cpu"}
+    plain = start(images, CLASS_NAMES, **common)  # type: ignore[arg-type]
+    run = start(images, CLASS_NAMES, labelled=labelled, **common)  # type: ignore[arg-type]
+
+    assert not torch.allclose(run.task.student.head, plain.task.student.head)
+    assert torch.equal(run.seen[ZERO_SHOT].probs, plain.seen[ZERO_SHOT].probs)  # the guard's reference
+    assert run.task.labelled is not None
+    first, again = run.task.labelled.batch(0), run.task.labelled.batch(0)
+    assert first[0].shape == (4, 3, 32, 32)
+    assert torch.equal(first[0], again[0])
+    assert torch.equal(first[1], again[1])
+    fit = run.train(tmp_path / "checkpoints")
+    assert fit.history[-1]["supervised"] > 0
+    assert fit.last is not None
+    assert "supervised" in fit.last.losses
+    assert "supervised" not in plain.train(tmp_path / "plain").history[-1]
+    manifest = run.export(tmp_path / "classifier", fit, SkipReport())
+    assert manifest.metrics["labelled"]["images"] == 20

@@ -14,6 +14,7 @@ from services.must.transductive import (
     class_statistics,
     distill_head,
     knn_graph,
+    prototype_head,
     transduce,
 )
 
@@ -150,3 +151,36 @@ def test_spread_in_chunks_equals_the_whole() -> None:
     graph = knn_graph(z, k=3)
 
     assert torch.allclose(graph.spread(q), graph.spread(q, block=3 * 5 * 7), atol=1e-6)
+
+
+def test_one_label_per_class_corrects_a_text_head_that_is_wrong_on_a_whole_cluster() -> None:
+    z, labels, _ = _two_clusters()
+    wrong = F.normalize(torch.tensor([[1.0, -0.6], [0.0, 0.8]]), dim=0)  # calls every image class 0
+    zero_shot = (20.0 * z @ wrong).softmax(1)
+    assert (zero_shot.argmax(1) == labels).float().mean() == 0.5
+    known = torch.full((len(z),), -1)
+    known[:2] = labels[:2]  # image 0 is of class 0, image 1 of class 1
+    anchored = (20.0 * z @ prototype_head(wrong, z[:2], labels[:2])).softmax(1)
+
+    q = transduce(z, anchored, InstantConfig(), known=known)
+
+    assert q[1].tolist() == [0.0, 1.0]
+    assert (q.argmax(1) == labels).float().mean() == 1.0
+    # The labels alone, with the wrong text head's probabilities, are not enough: the KL term wins.
+    assert (transduce(z, zero_shot, InstantConfig(), known=known).argmax(1) == labels).float().mean() < 0.6
+
+
+def test_prototype_head_mixes_text_and_class_means_and_needs_every_class() -> None:
+    text = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # columns: e0 (unnormalised) and e1
+    features = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.6, 0.8]])
+    labels = torch.tensor([0, 1, 1])
+
+    head = prototype_head(text, features, labels)
+
+    assert head[:, 0].tolist() == pytest.approx([2**-0.5, 0.0, 2**-0.5])
+    mean1 = F.normalize(torch.tensor([0.0, 1.6, 0.8]), dim=0)
+    assert head[:, 1].tolist() == pytest.approx(
+        F.normalize(torch.tensor([0.0, 1.0, 0.0]) + mean1, dim=0).tolist()
+    )
+    with pytest.raises(ConfigError, match="an image of every class; none for class indices \\[1\\]"):
+        prototype_head(text, features[:1], labels[:1])
