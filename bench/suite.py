@@ -43,7 +43,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from bench import glyphs, shapes
+from bench import few_label, glyphs, shapes
 from bench.tiny_clip import GLYPHS_CLIP_SPEC, TINY_CLIP_SPEC
 from services.must.adapt import Adaptation, list_images, start
 from services.must.config import MustConfig
@@ -192,6 +192,16 @@ RECORDED_MUST_MINUTES = {
     "glyphs-style": 103.9,
     "glyphs-34-blur": 19.4,
     "glyphs-rotation": 10.4,
+}
+# Served top-1 of the same run, for the few-label table's "MUST without labels" column.
+RECORDED_MUST_SERVED = {
+    "shapes-closeup": 75.7,
+    "glyphs-colour": 67.3,
+    "shapes-4-low-contrast": 85.4,
+    "shapes-rotated": 46.8,
+    "glyphs-style": 58.3,
+    "glyphs-34-blur": 78.0,
+    "glyphs-rotation": 43.3,
 }
 RECORDED_SOURCE = "recorded: the README's full MUST run (commit a35e6f7, --jobs 2), not this run"
 
@@ -429,6 +439,15 @@ def _parser() -> argparse.ArgumentParser:
         help="run the instant method only (MUST skipped; must_seconds from the last recorded MUST run)",
     )
     parser.add_argument(
+        "--few-label",
+        action="store_true",
+        help="few-label mode: 1, 4 and 16 labels per class against no labels and a linear probe "
+        f"(cases default to {', '.join(few_label.CASES)})",
+    )
+    parser.add_argument(
+        "--few-label-must", action="store_true", help="with --few-label: also MUST with the labels (long)"
+    )
+    parser.add_argument(
         "--instant-hparams",
         type=json.loads,
         default={},
@@ -535,8 +554,47 @@ def _size(case: Case) -> int:
     return case.train_images * (3 if case.model == "glyphs" else 2)  # glyph CLIP steps cost ~1.5x
 
 
+def _few_label_named(
+    name: str, train_images: int, work: Path, test_images: int, must: bool
+) -> dict[str, Any]:
+    case = next(c for c in CASES if c.name == name)
+    case = Case(**{**case.__dict__, "train_images": train_images})
+    return few_label.run_few_label(case, work / name, test_images, MODELS[case.model], must)
+
+
+def few_label_main(args: argparse.Namespace) -> None:
+    """The few-label study (bench.few_label): its table, then its JSON line."""
+    names = args.cases or list(few_label.CASES)
+    chosen = _selected(argparse.Namespace(**{**vars(args), "cases": names}))
+    began = time.perf_counter()
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    spawn = multiprocessing.get_context("spawn")
+    with (
+        tempfile.TemporaryDirectory(prefix="must-few-label-") as tmp,
+        ProcessPoolExecutor(args.jobs, spawn, initializer=_threads, initargs=(threads,)) as pool,
+    ):
+        futures = [
+            pool.submit(
+                _few_label_named, c.name, c.train_images, Path(tmp), args.test_images, args.few_label_must
+            )
+            for c in chosen
+        ]
+        results = [f.result() for f in futures]
+    few_label.print_table(results, RECORDED_MUST_SERVED)
+    summary = {
+        "few_label": results,
+        "must_no_labels": {r["case"]: RECORDED_MUST_SERVED[r["case"]] for r in results},
+        "must_no_labels_source": RECORDED_SOURCE,
+        "seconds": round(time.perf_counter() - began, 1),
+    }
+    print(json.dumps(summary))
+
+
 def main() -> None:
     args = _parser().parse_args()
+    if args.few_label:
+        few_label_main(args)
+        return
     overrides = dict(args.hparams)
     if args.steps:
         overrides |= {"total_steps": args.steps, "guard_images": 64}
