@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from bench.suite import CASES, RECORDED_MUST_MINUTES
+from bench.suite import CASES, RECORDED_MUST_MINUTES, RECORDED_MUST_SERVED
 
 pytestmark = pytest.mark.slow
 
@@ -70,3 +70,23 @@ def test_instant_only_refuses_must_options() -> None:
 
     assert done.returncode != 0
     assert "--instant-only runs no MUST" in done.stderr
+
+
+def test_few_label_rows_per_count_of_labels_with_the_baselines() -> None:
+    args = ["--few-label", "--cases", CASES[0].name, "--train-images", "40", "--test-images", "20"]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.suite", *args], capture_output=True, text=True, timeout=600
+    )
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    (case,) = summary["few_label"]
+    assert case["case"] == CASES[0].name
+    assert [row["shots"] for row in case["rows"]] == [1, 4, 16]
+    for row in case["rows"]:
+        assert {"instant", "instant_served", "linear_probe"} <= set(row)
+        assert row["instant_served_classifier"] in {"instant", "zero_shot"}
+        assert "must" not in row  # only with --few-label-must
+    assert summary["must_no_labels"] == {CASES[0].name: RECORDED_MUST_SERVED[CASES[0].name]}
+    assert summary["must_no_labels_source"].startswith("recorded:")
+    assert sum(1 for line in done.stdout.splitlines() if line.startswith(CASES[0].name)) == 3
