@@ -1,6 +1,6 @@
 """MUST with the platform's defaults on a suite of domains it was never tuned for.
 
-    .venv/bin/python -m bench.suite [--cases NAME ...] [--role dev|confirm] [--jobs N]
+    .venv/bin/python -m bench.suite [--cases NAME ...] [--role dev|confirm] [--jobs N] [--instant-only]
 
 Every case runs the call a user's job makes, with no per-case or per-model settings: unlabeled
 target images in a folder, the class names, the model, and nothing else (`start`, `train`,
@@ -13,8 +13,15 @@ frozen; the `confirm` cases were run once after that, and are reported as they c
 small CPU two single-threaded trainings of a tiny CLIP move ~1.4x the images of one with two
 threads. Each case is the same run either way (its seeds do not depend on the schedule).
 
+Each case also runs the instant method (`services.must.instant`: a training-free,
+transductive fit of the head on the images' features) on the same images, timed on its own:
+its served accuracy after the same guard, and its seconds beside MUST's. `--instant-only`
+skips MUST; `must_seconds` is then the sum of the cases' minutes in the last recorded full
+MUST run (`RECORDED_MUST_MINUTES`), and `must_seconds_source` says so.
+
 Prints a table per case, then, as its last line, one JSON object with `cases`,
-`mean_gain_served`, `min_gain_served` and `seconds`.
+`mean_gain_served`, `min_gain_served`, `mean_gain_instant`, `min_gain_instant`,
+`instant_seconds`, `must_seconds` and `seconds`.
 """
 
 from __future__ import annotations
@@ -36,14 +43,16 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from bench import glyphs, shapes
+from bench import few_label, glyphs, shapes
 from bench.tiny_clip import GLYPHS_CLIP_SPEC, TINY_CLIP_SPEC
 from services.must.adapt import Adaptation, list_images, start
 from services.must.config import MustConfig
 from services.must.evaluation import top1
 from services.must.export import load_classifier
+from services.must.instant import FolderFeatureCache, start_instant
 from services.must.loading import ModelSpec
 from services.must.trainer import StepMetrics, TrainerHooks
+from services.must.transductive import InstantConfig
 
 Sampler = Callable[[int, int], tuple[Image.Image, int]]
 
@@ -173,23 +182,77 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 }
 
 
+# Minutes per case of the last recorded full MUST run (README, commit a35e6f7: `--jobs 2` on the
+# 2-core development machine); the reference for `--instant-only` runs, which skip MUST.
+RECORDED_MUST_MINUTES = {
+    "shapes-closeup": 20.9,
+    "glyphs-colour": 33.5,
+    "shapes-4-low-contrast": 3.7,
+    "shapes-rotated": 14.7,
+    "glyphs-style": 103.9,
+    "glyphs-34-blur": 19.4,
+    "glyphs-rotation": 10.4,
+}
+# Served top-1 of the same run, for the few-label table's "MUST without labels" column.
+RECORDED_MUST_SERVED = {
+    "shapes-closeup": 75.7,
+    "glyphs-colour": 67.3,
+    "shapes-4-low-contrast": 85.4,
+    "shapes-rotated": 46.8,
+    "glyphs-style": 58.3,
+    "glyphs-34-blur": 78.0,
+    "glyphs-rotation": 43.3,
+}
+RECORDED_SOURCE = "recorded: the README's full MUST run (commit a35e6f7, --jobs 2), not this run"
+
+
+@dataclass
+class InstantScore:
+    """The instant method on a case: its head's accuracy, the guard's choice, and its time."""
+
+    head: float
+    served: float
+    served_name: str
+    seconds: float
+    margin: float
+
+
 @dataclass
 class Result:
     case: Case
     zero_shot: float
-    teacher: float
-    student: float
-    served: float
-    served_name: str
-    seconds: float
+    teacher: float | None
+    student: float | None
+    served: float | None
+    served_name: str | None
+    seconds: float | None
     notes: dict[str, Any]
     ablation: str | None = None
+    instant: InstantScore | None = None
 
     @property
-    def gain(self) -> float:
-        return self.served - self.zero_shot
+    def gain(self) -> float | None:
+        return None if self.served is None else self.served - self.zero_shot
+
+    @property
+    def gain_instant(self) -> float | None:
+        return None if self.instant is None else self.instant.served - self.zero_shot
+
+    def _instant_dict(self) -> dict[str, Any]:
+        i = self.instant
+        if i is None:
+            return {}
+        return {
+            "instant": round(i.head, 2),
+            "instant_served": round(i.served, 2),
+            "instant_served_classifier": i.served_name,
+            "instant_margin": round(i.margin, 4),
+            "gain_instant": round(i.served - self.zero_shot, 2),
+            "instant_seconds": round(i.seconds, 2),
+        }
 
     def to_dict(self) -> dict[str, Any]:
+        must = self.served is not None
         return {
             "case": self.case.name,
             **({"ablation": self.ablation} if self.ablation else {}),
@@ -199,14 +262,19 @@ class Result:
             "classes": len(self.case.class_names),
             "images": self.case.train_images,
             "zero_shot": round(self.zero_shot, 2),
-            "teacher": round(self.teacher, 2),
-            "student": round(self.student, 2),
-            "served": round(self.served, 2),
+            "teacher": _round(self.teacher),
+            "student": _round(self.student),
+            "served": _round(self.served),
             "served_classifier": self.served_name,
-            "gain_served": round(self.gain, 2),
-            "minutes": round(self.seconds / 60, 2),
+            "gain_served": _round(self.gain),
+            "minutes": round(self.seconds / 60, 2) if must and self.seconds is not None else None,
+            **self._instant_dict(),
             **self.notes,
         }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
 
 
 def _write(case: Case, count: int, seed: int, out: Path) -> dict[Path, int]:
@@ -284,16 +352,64 @@ def run_case(
     )
 
 
+def run_instant(
+    case: Case, work: Path, test_images: int, instant: InstantConfig | None = None
+) -> tuple[InstantScore, float]:
+    """The instant method on the case's images, as an instant job runs it; timed from loading the
+    model to the exported classifier (scoring the held-out images is not timed)."""
+    folder = work / case.name / "unlabeled"
+    if not folder.is_dir():
+        _write(case, case.train_images, seed=7, out=folder)
+    began = time.perf_counter()
+    paths, skipped = list_images(folder)
+    run = start_instant(
+        paths,
+        case.class_names,
+        model=MODELS[case.model],
+        instant=instant,
+        cache=FolderFeatureCache(work / case.name / "features"),
+    )
+    fit = run.train()
+    decision = run.choose()
+    run.export(work / case.name / "instant", fit, skipped)
+    seconds = time.perf_counter() - began
+    images, labels = zip(*case.images(test_images, seed=9001), strict=True)
+    test = run.zero_shot_classifier().preprocess(list(images)), torch.tensor(labels)
+    margin = next(c.margin for c in decision.candidates if c.name == "instant")
+    score = InstantScore(
+        top1(run.instant_classifier(), *test),
+        top1(load_classifier(work / case.name / "instant"), *test),
+        decision.served,
+        seconds,
+        margin,
+    )
+    return score, top1(run.zero_shot_classifier(), *test)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def _print(results: list[Result]) -> None:
     head = f"{'case':<22} {'role':<8} {'K':>4} {'n':>6} {'zero-shot':>9} {'teacher':>8} {'student':>8}"
-    print(f"\n{head} {'served':>7} {'(which)':<14} {'gain':>6} {'min':>6}")
+    tail = f"{'instant':>7} {'(which)':<10} {'gain':>6} {'sec':>6}"
+    print(f"\n{head} {'served':>7} {'(which)':<14} {'gain':>6} {'min':>6} {tail}")
     for r in results:
-        c = r.case
+        c, i = r.case, r.instant
         name = f"{c.name} [{r.ablation}]" if r.ablation else c.name
+        must = (
+            f"{_fmt(r.teacher, '>8.1f'):>8} {_fmt(r.student, '>8.1f'):>8} {_fmt(r.served, '>7.1f'):>7} "
+            f"{r.served_name or '-':<14} {_fmt(r.gain, '>+6.1f'):>6} "
+            f"{_fmt(None if r.seconds is None or r.served is None else r.seconds / 60, '>6.1f'):>6}"
+        )
+        instant = (
+            f"{i.served:>7.1f} {i.served_name:<10} {r.gain_instant:>+6.1f} {i.seconds:>6.1f}"
+            if i is not None
+            else f"{'-':>7} {'-':<10} {'-':>6} {'-':>6}"
+        )
         print(
             f"{name:<22} {c.role:<8} {len(c.class_names):>4} {c.train_images:>6} {r.zero_shot:>9.1f} "
-            f"{r.teacher:>8.1f} {r.student:>8.1f} {r.served:>7.1f} {r.served_name:<14} {r.gain:>+6.1f} "
-            f"{r.seconds / 60:>6.1f}"
+            f"{must} {instant}"
         )
 
 
@@ -318,6 +434,26 @@ def _parser() -> argparse.ArgumentParser:
         "--jobs", type=int, default=1, help="cases run at a time, each in its own process (cores/N threads)"
     )
     parser.add_argument(
+        "--instant-only",
+        action="store_true",
+        help="run the instant method only (MUST skipped; must_seconds from the last recorded MUST run)",
+    )
+    parser.add_argument(
+        "--few-label",
+        action="store_true",
+        help="few-label mode: 1, 4 and 16 labels per class against no labels and a linear probe "
+        f"(cases default to {', '.join(few_label.CASES)})",
+    )
+    parser.add_argument(
+        "--few-label-must", action="store_true", help="with --few-label: also MUST with the labels (long)"
+    )
+    parser.add_argument(
+        "--instant-hparams",
+        type=json.loads,
+        default={},
+        help="development only: overrides of the instant method's frozen settings (JSON)",
+    )
+    parser.add_argument(
         "--dump",
         type=Path,
         help="write each case's guard-sample outputs here, defaults runs only (guard study)",
@@ -336,13 +472,42 @@ def _selected(args: argparse.Namespace) -> list[Case]:
     return chosen
 
 
-def _summary(results: list[Result], seconds: float, overrides: dict[str, Any]) -> dict[str, Any]:
+def _mean_min(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return round(sum(values) / len(values), 2), round(min(values), 2)
+
+
+def _timing(headline: list[Result], recorded: bool) -> dict[str, Any]:
+    """instant_seconds and must_seconds summed over the cases, and their ratio."""
+    instant = sum(r.instant.seconds for r in headline if r.instant is not None)
+    if recorded:
+        must = 60 * sum(RECORDED_MUST_MINUTES[r.case.name] for r in headline)
+        source = RECORDED_SOURCE
+    else:
+        must = sum(r.seconds or 0.0 for r in headline)
+        source = "measured in this run"
+    return {
+        "instant_seconds": round(instant, 1),
+        "must_seconds": round(must, 1),
+        "must_seconds_source": source,
+        "instant_time_ratio": round(instant / must, 5) if must else None,
+    }
+
+
+def _summary(
+    results: list[Result], seconds: float, overrides: dict[str, Any], recorded_must: bool = False
+) -> dict[str, Any]:
     headline = [r for r in results if r.ablation is None]
-    gains = [r.gain for r in headline]
+    mean, low = _mean_min([r.gain for r in headline if r.gain is not None])
+    mean_instant, low_instant = _mean_min([r.gain_instant for r in headline if r.gain_instant is not None])
     return {
         "cases": [r.to_dict() for r in headline],
-        "mean_gain_served": round(sum(gains) / len(gains), 2) if gains else None,
-        "min_gain_served": round(min(gains), 2) if gains else None,
+        "mean_gain_served": mean,
+        "min_gain_served": low,
+        "mean_gain_instant": mean_instant,
+        "min_gain_instant": low_instant,
+        **_timing(headline, recorded_must),
         "seconds": round(seconds, 1),
         "hparams": overrides,
         "ablations": [r.to_dict() for r in results if r.ablation is not None],
@@ -353,13 +518,35 @@ def _threads(count: int) -> None:
     torch.set_num_threads(count)
 
 
-def _run_named(
-    name: str, train_images: int, work: Path, test_images: int, values: dict[str, Any], dump: Path | None
-) -> dict[str, Any]:
-    """`run_case` in a worker process, by name (a case's sampler does not cross processes)."""
-    case = next(c for c in CASES if c.name == name)
-    case = Case(**{**case.__dict__, "train_images": train_images})
-    result = run_case(case, work, test_images, MustConfig.from_dict(values) if values else None, dump)
+@dataclass(frozen=True)
+class Plan:
+    """What one worker process runs on a case (everything crosses processes by value)."""
+
+    name: str
+    train_images: int
+    work: Path
+    test_images: int
+    values: dict[str, Any]
+    dump: Path | None
+    must: bool
+    instant: dict[str, Any] | None
+
+
+def _run_named(plan: Plan) -> dict[str, Any]:
+    """`run_case` and `run_instant` in a worker process, by name (a sampler does not cross processes)."""
+    case = next(c for c in CASES if c.name == plan.name)
+    case = Case(**{**case.__dict__, "train_images": plan.train_images})
+    values = plan.values
+    if plan.must:
+        config = MustConfig.from_dict(values) if values else None
+        result = run_case(case, plan.work, plan.test_images, config, plan.dump)
+    if plan.instant is not None:
+        score, zero_shot = run_instant(
+            case, plan.work, plan.test_images, InstantConfig.from_dict(plan.instant)
+        )
+        if not plan.must:
+            result = Result(case, zero_shot, None, None, None, None, None, {})
+        result.instant = score
     return {f.name: getattr(result, f.name) for f in fields(Result) if f.name != "case"}
 
 
@@ -367,13 +554,58 @@ def _size(case: Case) -> int:
     return case.train_images * (3 if case.model == "glyphs" else 2)  # glyph CLIP steps cost ~1.5x
 
 
+def _few_label_named(
+    name: str, train_images: int, work: Path, test_images: int, must: bool
+) -> dict[str, Any]:
+    case = next(c for c in CASES if c.name == name)
+    case = Case(**{**case.__dict__, "train_images": train_images})
+    return few_label.run_few_label(case, work / name, test_images, MODELS[case.model], must)
+
+
+def few_label_main(args: argparse.Namespace) -> None:
+    """The few-label study (bench.few_label): its table, then its JSON line."""
+    names = args.cases or list(few_label.CASES)
+    chosen = _selected(argparse.Namespace(**{**vars(args), "cases": names}))
+    began = time.perf_counter()
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    spawn = multiprocessing.get_context("spawn")
+    with (
+        tempfile.TemporaryDirectory(prefix="must-few-label-") as tmp,
+        ProcessPoolExecutor(args.jobs, spawn, initializer=_threads, initargs=(threads,)) as pool,
+    ):
+        futures = [
+            pool.submit(
+                _few_label_named, c.name, c.train_images, Path(tmp), args.test_images, args.few_label_must
+            )
+            for c in chosen
+        ]
+        results = [f.result() for f in futures]
+    few_label.print_table(results, RECORDED_MUST_SERVED)
+    summary = {
+        "few_label": results,
+        "must_no_labels": {r["case"]: RECORDED_MUST_SERVED[r["case"]] for r in results},
+        "must_no_labels_source": RECORDED_SOURCE,
+        "seconds": round(time.perf_counter() - began, 1),
+    }
+    print(json.dumps(summary))
+
+
 def main() -> None:
     args = _parser().parse_args()
+    if args.few_label:
+        few_label_main(args)
+        return
     overrides = dict(args.hparams)
     if args.steps:
         overrides |= {"total_steps": args.steps, "guard_images": 64}
     if overrides:
         print(f"NOT THE DEFAULTS (smoke run or development): {overrides}", file=sys.stderr)
+    if args.instant_only and (args.ablations or args.dump or overrides):
+        raise SystemExit(
+            "--instant-only runs no MUST: --ablations, --dump, --steps and --hparams do not apply"
+        )
+    if args.instant_hparams:
+        print(f"NOT THE FROZEN INSTANT SETTINGS (development): {args.instant_hparams}", file=sys.stderr)
     runs = [(None, overrides)]
     if args.ablations:
         runs += [(name, {**overrides, **changes}) for name, changes in ABLATIONS.items()]
@@ -393,12 +625,16 @@ def main() -> None:
         futures = {
             pool.submit(
                 _run_named,
-                case.name,
-                case.train_images,
-                Path(tmp) / (ablation or "defaults").replace(" ", "-"),
-                args.test_images,
-                values,
-                args.dump if not ablation else None,
+                Plan(
+                    case.name,
+                    case.train_images,
+                    Path(tmp) / (ablation or "defaults").replace(" ", "-"),
+                    args.test_images,
+                    values,
+                    args.dump if not ablation else None,
+                    must=not args.instant_only,
+                    instant=None if ablation else args.instant_hparams,
+                ),
             ): (case, ablation)
             for case, ablation, values in work_items
         }
@@ -411,7 +647,7 @@ def main() -> None:
     order = {(c.name, a): i for i, (c, a) in enumerate((c, a) for c in CASES for a, _ in runs)}
     results.sort(key=lambda r: order[(r.case.name, r.ablation)])
     _print(results)
-    print(json.dumps(_summary(results, time.perf_counter() - began, overrides)))
+    print(json.dumps(_summary(results, time.perf_counter() - began, overrides, args.instant_only)))
 
 
 if __name__ == "__main__":

@@ -97,6 +97,14 @@ def _add_adapt(commands: Any) -> None:
     p.add_argument("--steps", type=int, help="training steps (default: derived from the number of images)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--hparams", type=_json_object, help="other hyperparameters as a JSON object")
+    p.add_argument(
+        "--method",
+        choices=["must", "instant"],
+        help="must (default: trains, hours) or instant (training-free head fit, seconds to minutes)",
+    )
+    p.add_argument(
+        "--warm-start", choices=["instant"], help="MUST only: start from the instant method's head"
+    )
     p.add_argument("--max-images", type=int, help="use at most this many images")
     p.add_argument(
         "--eval",
@@ -265,6 +273,8 @@ def cmd_adapt(must: MustClient, args: argparse.Namespace) -> int:
         class_descriptions=args.descriptions,
         name=args.name,
         tags=args.tags,
+        method=args.method,
+        warm_start=args.warm_start,
     )
     if args.wait:
         print(f"submitted adaptation {job.id}", file=sys.stderr)

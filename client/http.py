@@ -228,8 +228,11 @@ class MustClient:
         idempotency_key: str | None = None,
         name: str | None = None,
         tags: Sequence[str] | None = None,
+        method: str | None = None,
+        warm_start: str | None = None,
     ) -> AdaptationPublic:
-        """Submit an adaptation of `model` (the service's default if None) to the images at `dataset_uri`."""
+        """Submit an adaptation of `model` (the service's default if None) to the images at `dataset_uri`;
+        `method` "instant" for the training-free method, `warm_start` "instant" to start MUST from it."""
         dataset: dict[str, Any] = {"uri": dataset_uri}
         if max_images is not None:
             dataset["max_images"] = max_images
@@ -239,6 +242,8 @@ class MustClient:
             "hparams": hparams,
             "class_descriptions": class_descriptions,
             "name": name,
+            "method": method,
+            "warm_start": warm_start,
         }
         optional["tags"] = list(tags) if tags else None
         request: dict[str, Any] = {"class_names": list(class_names), "dataset": dataset}

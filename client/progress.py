@@ -145,6 +145,11 @@ def _outcome_lines(outcome: Outcome) -> list[tuple[str, str]]:
         agreed = f", zero-shot agreement {agreement:.2f}" if isinstance(agreement, float) else ""
         crop, policy = views.get("crop_min"), views.get("rand_augment")
         lines.append(("views", f"crop >= {crop}, {policy}, {flip}{agreed}"))
+    if outcome.method != "must":
+        lines.append(("method", outcome.method))
+    if outcome.warm_start is not None:
+        used = "used" if outcome.warm_start.get("used") else "not used"
+        lines.append(("warm start", f"instant head {used}: {outcome.warm_start.get('reason', '')}"))
     return lines
 
 

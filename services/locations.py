@@ -69,10 +69,12 @@ def check_location(value: str, what: str, settings: Settings, *, model_file: boo
 
 
 def check_request_locations(request: AdaptationCreate, settings: Settings) -> None:
-    """Check every location an adaptation request names (dataset, eval set, model files)."""
+    """Check every location an adaptation request names (dataset, eval and labelled sets, model files)."""
     check_location(request.dataset.uri, "dataset.uri", settings)
     if request.eval is not None:
         check_location(request.eval.uri, "eval.uri", settings)
+    if request.labelled is not None:
+        check_location(request.labelled.uri, "labelled.uri", settings)
     for what, value in (
         ("model.checkpoint", request.model.checkpoint),
         ("model.config", request.model.config),

@@ -173,9 +173,12 @@ def _fetch_all(
     return targets
 
 
-def stage_eval_set(uri: str, out_dir: Path, settings: Settings, class_names: Sequence[str]) -> LabelledImages:
-    """Download the labelled eval set at `uri`; DatasetError for unknown labels, missing or broken
-    images and an empty set (never a silent skip: the scores would not be the ones asked for)."""
+def stage_eval_set(
+    uri: str, out_dir: Path, settings: Settings, class_names: Sequence[str], what: str = "eval set"
+) -> LabelledImages:
+    """Download the labelled set at `uri` (the eval set, or the few-label mode's `what`="labelled
+    set"); DatasetError for unknown labels, missing or broken images and an empty set (never a
+    silent skip: the scores, or the training, would not be the ones asked for)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     index = {name: i for i, name in enumerate(class_names)}
     try:
@@ -186,9 +189,9 @@ def stage_eval_set(uri: str, out_dir: Path, settings: Settings, class_names: Seq
     except StorageUnavailable:
         raise
     except EvalSetError as exc:
-        raise DatasetError(f"eval set: {exc.message}") from exc
+        raise DatasetError(f"{what}: {exc.message}") from exc
     except ObjectNotFound as exc:
-        raise DatasetError(f"eval set: the manifest {uri} does not exist") from exc
+        raise DatasetError(f"{what}: the manifest {uri} does not exist") from exc
     except StorageError as exc:
-        raise DatasetError(f"cannot read the eval set at {uri}: {exc}") from exc
+        raise DatasetError(f"cannot read the {what} at {uri}: {exc}") from exc
     return LabelledImages(paths, [index[item.label] for item in items])

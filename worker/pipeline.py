@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import threading
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,18 +40,26 @@ from services.locations import check_request_locations
 from services.must.adapt import Adaptation, default_device, start
 from services.must.checkpoint import LATEST, CheckpointFiles, read_latest
 from services.must.config import MustConfig
+from services.must.data import Labelled
 from services.must.errors import (
     Cancelled,
     CheckpointError,
     ConfigError,
+    DatasetError,
     DistributedRunError,
     ModelLoadError,
     MustError,
 )
 from services.must.export import MANIFEST, WEIGHTS, Manifest
+from services.must.instant import INSTANT, InstantRun, start_instant
 from services.must.loading import ModelSpec, pretrained_file, resolve_model_config
 from services.must.trainer import FitResult, TrainerHooks
-from services.schemas.jobs import AdaptationCreate, requested_gpus
+from services.schemas.jobs import (
+    INSTANT_HPARAM_NAMES,
+    MAX_LABELLED_PER_CLASS,
+    AdaptationCreate,
+    requested_gpus,
+)
 from services.storage import keys
 from services.storage.base import ObjectStore
 from services.storage.object_store import local_copy, open_store, publish
@@ -68,6 +77,10 @@ log = logging.getLogger(__name__)
 MAX_POINTER_BYTES = 1 << 20
 # One metrics row every few seconds: a week-long job stays well under this.
 MAX_METRIC_ROWS = 500_000
+# Cached image features (fp16): 8 GiB holds a few million images of a 1,024-wide tower.
+MAX_FEATURE_BYTES = 8 << 30
+
+Run = Adaptation | InstantRun
 
 
 def default_work_dir() -> Path:
@@ -201,6 +214,28 @@ def _stage_dataset(ctx: JobContext, request: AdaptationCreate) -> StagedImages:
     return staged
 
 
+def _stage_labelled(ctx: JobContext, request: AdaptationCreate) -> Labelled | None:
+    """Few-label mode's images: every class 1..MAX_LABELLED_PER_CLASS of them, or a DatasetError."""
+    if request.labelled is None:
+        return None
+    staged = stage_eval_set(
+        request.labelled.uri, ctx.work_dir / "labelled", ctx.settings, request.class_names, "labelled set"
+    )
+    counts = Counter(staged.labels)
+    names = request.class_names
+    missing = [names[i] for i in range(len(names)) if counts[i] == 0]
+    if missing:
+        raise DatasetError(f"labelled set: no image for {len(missing)} class(es): {', '.join(missing[:10])}")
+    over = [f"{names[i]} ({n})" for i, n in sorted(counts.items()) if n > MAX_LABELLED_PER_CLASS]
+    if over:
+        raise DatasetError(
+            f"labelled set: few-label mode takes 1..{MAX_LABELLED_PER_CLASS} images per class; "
+            f"more for {', '.join(over[:10])}"
+        )
+    log.info("job %s: labelled set of %d images staged", ctx.job_id, len(staged.paths))
+    return Labelled(staged.paths, staged.labels)
+
+
 def _stage_eval_set(ctx: JobContext, request: AdaptationCreate) -> LabelledImages | None:
     """Download the labelled eval set before training, so a bad one fails the job in minutes."""
     if request.eval is None:
@@ -210,13 +245,93 @@ def _stage_eval_set(ctx: JobContext, request: AdaptationCreate) -> LabelledImage
     return eval_set
 
 
-def _start(ctx: JobContext, request: AdaptationCreate, staged: StagedImages) -> Adaptation:
-    """Load the CLIP, build the zero-shot head, fit the views, pick the threshold and score zero-shot.
+class StoreFeatureCache:
+    """The instant method's feature cache in the artifacts store (`features/<tower>/<images>`),
+    shared by every job on the same image tower and images."""
 
-    A job that already has a checkpoint (local or in the store) trains on the views it chose then.
+    def __init__(self, ctx: JobContext) -> None:
+        self.ctx = ctx
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            return self.ctx.store.read_bytes(
+                self.ctx.key(keys.features_key(key)), max_bytes=MAX_FEATURE_BYTES
+            )
+        except ObjectNotFound:
+            return None
+
+    def put(self, key: str, data: bytes) -> None:
+        self.ctx.store.write_bytes(self.ctx.key(keys.features_key(key)), data)
+
+
+def _model_spec(ctx: JobContext, request: AdaptationCreate) -> ModelSpec:
+    model = request.model
+    return ModelSpec(
+        arch=model.arch,
+        pretrained=model.pretrained,
+        checkpoint=_local_model_file(model.checkpoint, ctx),
+        config=_local_model_file(model.config, ctx),
+        allow_download=ctx.settings.models.allow_downloads,
+        download_timeout=ctx.settings.models.download_timeout_seconds,
+    )
+
+
+def _start_instant(
+    ctx: JobContext,
+    request: AdaptationCreate,
+    staged: StagedImages,
+    spec: ModelSpec,
+    labelled: Labelled | None,
+) -> InstantRun:
+    return start_instant(
+        staged.paths,
+        request.class_names,
+        model=spec,
+        templates=request.templates,
+        config=MustConfig.from_dict(request.hparams or {}),
+        device=ctx.device,
+        descriptions=request.class_descriptions,
+        cache=StoreFeatureCache(ctx),
+        labelled=labelled,
+    )
+
+
+def _warm_head(
+    ctx: JobContext,
+    request: AdaptationCreate,
+    staged: StagedImages,
+    spec: ModelSpec,
+    labelled: Labelled | None,
+) -> tuple[torch.Tensor | None, dict[str, Any] | None]:
+    """For `warm_start: "instant"`: the instant head if the guard accepts it, and what happened."""
+    if request.warm_start != INSTANT:
+        return None, None
+    # The instant run takes the request's seed and guard settings; MUST's own fields are not its.
+    instant_hparams = {k: v for k, v in (request.hparams or {}).items() if k in INSTANT_HPARAM_NAMES}
+    run = _start_instant(ctx, request.model_copy(update={"hparams": instant_hparams}), staged, spec, labelled)
+    run.train(hooks=TrainerHooks(should_cancel=make_cancel_check(ctx.job_id, ctx.session_factory)))
+    decision = run.choose()
+    used = decision.served == INSTANT
+    report = {"method": INSTANT, "used": used, "reason": decision.reason, "guard": decision.to_dict()}
+    log.info("job %s: warm start from the instant head %s", ctx.job_id, "used" if used else "not used")
+    return (run.head if used else None), report
+
+
+def _start(ctx: JobContext, request: AdaptationCreate, staged: StagedImages) -> Run:
+    """Set the job's method up: for MUST, load the CLIP, build the zero-shot head, fit the views,
+    pick the threshold and score zero-shot; for the instant method, load the CLIP and its head.
+
+    A MUST job that already has a checkpoint (local or in the store) trains on the views it chose then.
     """
     _begin_start(ctx)
-    return _start_engine(ctx, request, staged)
+    spec = _model_spec(ctx, request)
+    labelled = _stage_labelled(ctx, request)
+    if request.method == INSTANT:
+        return _start_instant(ctx, request, staged, spec, labelled)
+    head, warm = _warm_head(ctx, request, staged, spec, labelled)
+    run = _start_engine(ctx, request, staged, spec=spec, labelled=labelled, initial_head=head)
+    run.warm_start = warm
+    return run
 
 
 def _begin_start(ctx: JobContext) -> None:
@@ -225,28 +340,28 @@ def _begin_start(ctx: JobContext) -> None:
     _restore_checkpoint(ctx, _checkpoint_dir(ctx))
 
 
-def _start_engine(ctx: JobContext, request: AdaptationCreate, staged: StagedImages) -> Adaptation:
-    """The engine's `start` for this job's request, on the images staged and the local checkpoint."""
-    checkpoint_dir = _checkpoint_dir(ctx)
+def _start_engine(
+    ctx: JobContext,
+    request: AdaptationCreate,
+    staged: StagedImages,
+    *,
+    spec: ModelSpec | None = None,
+    labelled: Labelled | None = None,
+    initial_head: torch.Tensor | None = None,
+) -> Adaptation:
+    """MUST's `start` for this job's request, on the images staged and the local checkpoint."""
     hparams = {"checkpoint_every": ctx.settings.worker.checkpoint_every, **(request.hparams or {})}
-    model = request.model
-    spec = ModelSpec(
-        arch=model.arch,
-        pretrained=model.pretrained,
-        checkpoint=_local_model_file(model.checkpoint, ctx),
-        config=_local_model_file(model.config, ctx),
-        allow_download=ctx.settings.models.allow_downloads,
-        download_timeout=ctx.settings.models.download_timeout_seconds,
-    )
     return start(
         staged.paths,
         request.class_names,
-        model=spec,
+        model=spec or _model_spec(ctx, request),
         templates=request.templates,
         config=MustConfig.from_dict(hparams),
         device=ctx.device,
-        checkpoint_dir=checkpoint_dir,
+        checkpoint_dir=_checkpoint_dir(ctx),
         descriptions=request.class_descriptions,
+        initial_head=initial_head,
+        labelled=labelled,
     )
 
 
@@ -318,7 +433,7 @@ def _publish_checkpoint(ctx: JobContext, files: CheckpointFiles, lost: threading
     ctx.store_logs()
 
 
-def _train(ctx: JobContext, run: Adaptation, lost: threading.Event) -> FitResult:
+def _train(ctx: JobContext, run: Run, lost: threading.Event) -> FitResult:
     """Resume from the stored checkpoint if any, then train, publishing every checkpoint."""
     ctx.set_phase(JobPhase.TRAINING)
     checkpoint_dir = _checkpoint_dir(ctx)
@@ -340,7 +455,7 @@ def _train(ctx: JobContext, run: Adaptation, lost: threading.Event) -> FitResult
 
 
 def _export(
-    ctx: JobContext, request: AdaptationCreate, run: Adaptation, result: FitResult, staged: StagedImages
+    ctx: JobContext, request: AdaptationCreate, run: Run, result: FitResult, staged: StagedImages
 ) -> Manifest:
     """Export the classifier the guard chose and publish its weights, then its manifest."""
     ctx.set_phase(JobPhase.EXPORTING)
@@ -363,7 +478,7 @@ def _publish_classifier(ctx: JobContext, out_dir: Path) -> None:
 
 
 def _evaluate(
-    ctx: JobContext, run: Adaptation, manifest: Manifest, eval_set: LabelledImages | None
+    ctx: JobContext, run: Run, manifest: Manifest, eval_set: LabelledImages | None
 ) -> dict[str, Any] | None:
     """Score the candidates on the labelled set and add the scores to the published manifest.
 
@@ -490,6 +605,8 @@ def _finish(
     decision = run.decision
     outcome = {
         **(decision.to_dict() if decision else {}),
+        "method": request.method,
+        "warm_start": getattr(run, "warm_start", None),
         "views": run.views.to_dict() if run.views else None,
         "threshold": run.threshold,
         "predictions": manifest.metrics.get("predictions"),

@@ -11,6 +11,7 @@ from typing import Any
 
 from services.must.adapt import Adaptation
 from services.must.guard import ZERO_SHOT
+from services.must.instant import InstantRun
 from worker.dataset import StagedImages
 
 # Enough to judge a class at a glance; 200 classes of 6 keys stay well under 100 KB of JSON.
@@ -20,7 +21,7 @@ MAX_SAMPLES = 1_200
 
 
 def class_samples(
-    run: Adaptation, staged: StagedImages, per_class: int = SAMPLES_PER_CLASS
+    run: Adaptation | InstantRun, staged: StagedImages, per_class: int = SAMPLES_PER_CLASS
 ) -> dict[str, Any]:
     """Up to `per_class` guard-sample images per class of the served classifier, as dataset keys,
     with the class zero-shot gave each and the served classifier's confidence."""

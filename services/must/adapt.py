@@ -27,9 +27,9 @@ from services.must.calibration import choose_threshold, teacher_confidence
 from services.must.checkpoint import read_latest
 from services.must.classifier import validate_class_names, validate_templates
 from services.must.config import MustConfig, resolve
-from services.must.data import SkipReport, scan_folder
+from services.must.data import Labelled, LabelledBatches, SkipReport, scan_folder
 from services.must.distributed import gather_uneven, rank_device, world
-from services.must.errors import DatasetError
+from services.must.errors import ConfigError, DatasetError
 from services.must.evaluation import score_classifier
 from services.must.export import Manifest, export_classifier
 from services.must.guard import (
@@ -47,6 +47,7 @@ from services.must.loading import LoadedClip, ModelSpec, load_clip
 from services.must.network import MustNetwork
 from services.must.task import MustTask
 from services.must.trainer import FitResult, StepMetrics, TrainerHooks, autocast_dtype, fit, loader_workers
+from services.must.transductive import prototype_head
 from services.must.transforms import TwoViews, eval_transform, seeded, weak_transform
 from services.must.views import (
     SAMPLE_IMAGES,
@@ -242,6 +243,14 @@ class Adaptation:
     decision: Decision | None = None
     # Every candidate's guard-sample outputs seen in this process, by candidate name.
     seen: dict[str, Outputs] = field(default_factory=dict)
+    # How the run started when asked to start from the instant method's head (None: not asked).
+    warm_start: dict[str, Any] | None = None
+    # Few-label mode's labelled images (None: no labels).
+    labelled: Labelled | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.prepared.network.num_classes
 
     @property
     def threshold(self) -> list[float]:
@@ -401,6 +410,12 @@ class Adaptation:
             "predictions": self.predictions(decision),
             "class_descriptions": self.prepared.descriptions,
             "last_step": result.history[-1] if result.history else {},
+            **({"warm_start": self.warm_start} if self.warm_start is not None else {}),
+            **(
+                {"labelled": self.labelled.summary(self.prepared.network.num_classes)}
+                if self.labelled
+                else {}
+            ),
         }
         return export_classifier(
             self.served_classifier(decision),
@@ -423,11 +438,17 @@ def start(
     device: torch.device | str | None = None,
     checkpoint_dir: Path | None = None,
     descriptions: Mapping[str, str] | None = None,
+    initial_head: torch.Tensor | None = None,
+    labelled: Labelled | None = None,
 ) -> Adaptation:
     """Resolve the defaults for these images, load the CLIP, fit the views, choose the threshold
     and score zero-shot for the guard, all without labels.
 
     With a `checkpoint_dir` that holds a checkpoint, the views it was trained with are kept.
+    With an `initial_head` (the instant method's), teacher and student start from it instead of
+    the text head; the views are still fitted, and the guard still compares with, zero-shot.
+    With `labelled` images (few-label mode) the starting head, unless given, mixes their class
+    prototypes into the text head, and every step adds a cross-entropy on a batch of them.
     """
     device = torch.device(device) if device is not None else default_device()
     cfg = resolve((config or MustConfig()).validate(), len(paths))
@@ -438,13 +459,39 @@ def start(
     fitted, views = fit_student_views(prepared, paths, cfg, device)
     # A resumed run keeps the views it trained with, even where a new measurement would differ.
     cfg = _stored_views(checkpoint_dir, cfg) or fitted
-    threshold = calibrate(prepared, paths, cfg, device)
     guard_paths = sample_paths(paths, cfg.guard_images)
+    # Before the head may change: the guard's reference is the classifier the user started with.
+    # (guard_outputs forks the RNG, so this order leaves calibration's random streams as they were.)
     zero_shot = guard_outputs(prepared.network, prepared.clip.preprocess, guard_paths, cfg, device)
+    if initial_head is None and labelled is not None:
+        initial_head = _prototype_head(prepared, labelled, cfg, device)
+    if initial_head is not None:
+        _set_head(prepared.network, initial_head)
+    threshold = calibrate(prepared, paths, cfg, device)
     task = MustTask(prepared.network, cfg, threshold.to(device))
+    if labelled is not None:
+        weak = weak_transform(prepared.clip.preprocess)
+        task.labelled = LabelledBatches(labelled, weak, max(1, cfg.batch_size // 2), cfg.seed)
     run = Adaptation(prepared, task, cfg, list(paths), device, Guard(zero_shot), guard_paths, views)
     run.seen[ZERO_SHOT] = zero_shot
+    run.labelled = labelled
     return run
+
+
+def _prototype_head(
+    prepared: Prepared, labelled: Labelled, cfg: MustConfig, device: torch.device
+) -> torch.Tensor:
+    """The text head mixed with the labelled images' class prototypes (zero-shot features)."""
+    outputs = guard_outputs(prepared.network, prepared.clip.preprocess, labelled.paths, cfg, device)
+    labels = torch.as_tensor(labelled.labels)
+    return prototype_head(prepared.network.head.detach().float().cpu(), outputs.features, labels)
+
+
+def _set_head(network: MustNetwork, head: torch.Tensor) -> None:
+    if tuple(head.shape) != tuple(network.head.shape):
+        raise ConfigError(f"initial head has shape {tuple(head.shape)}, expected {tuple(network.head.shape)}")
+    with torch.no_grad():
+        network.head.copy_(head.to(network.head.device, network.head.dtype))
 
 
 @dataclass

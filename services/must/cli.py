@@ -16,7 +16,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tqdm import tqdm
@@ -24,12 +24,13 @@ from tqdm import tqdm
 # Before anything imports torch: OpenMP reads its wait policy once, when torch loads it.
 import services.must._omp  # noqa: F401
 from services.must import distributed
-from services.must.adapt import adapt
+from services.must.adapt import adapt, list_images
 from services.must.batch import DEFAULT_BATCH, BatchOptions, classify_stream
 from services.must.config import MustConfig
 from services.must.data import IMAGE_EXTENSIONS, ImageLoadError
 from services.must.errors import ConfigError, MustError
 from services.must.export import load_classifier
+from services.must.instant import FolderFeatureCache, start_instant
 from services.must.loading import ModelSpec
 from services.must.trainer import StepMetrics, TrainerHooks, describe
 
@@ -73,6 +74,13 @@ def adapt_parser() -> argparse.ArgumentParser:
         "--hparams", default=None, help="JSON object of other hyperparameters, e.g. '{\"mask_ratio\": 0.5}'"
     )
     p.add_argument("--max-images", type=int, default=None)
+    p.add_argument(
+        "--method",
+        choices=["must", "instant"],
+        default="must",
+        help="must (trains the image tower) or instant (a training-free head fit on the images' "
+        "features, cached in OUT/features)",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -111,7 +119,7 @@ class ProgressBar:
             self.bar = tqdm(total=m.total_steps, initial=m.step - 1, unit="step", dynamic_ncols=True)
         self.bar.update(1)
         self.bar.set_postfix(
-            loss=f"{m.losses['loss']:.3f}",
+            loss=f"{m.losses.get('loss', m.losses.get('distill', 0.0)):.3f}",
             conf=f"{m.stats.get('confident_fraction', 0):.2f}",
             img_s=f"{m.images_per_sec:.0f}",
         )
@@ -119,6 +127,28 @@ class ProgressBar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _instant(args: argparse.Namespace, on_step: Callable[[StepMetrics], None], bar: ProgressBar) -> int:
+    """The instant method on the folder; its MUST-only options are refused, not ignored."""
+    if args.steps is not None or args.batch_size is not None or args.lr is not None:
+        raise ConfigError("--steps, --batch-size and --lr train MUST and do not apply to --method instant")
+    paths, skipped = list_images(args.images, args.max_images)
+    run = start_instant(
+        paths,
+        _classes(args.classes),
+        model=_spec(args),
+        templates=_templates(args.templates),
+        config=_config(args),
+        device=args.device,
+        cache=FolderFeatureCache(args.out / "features"),
+    )
+    result = run.train(hooks=TrainerHooks(on_step=on_step))
+    manifest = run.export(args.out / "classifier", result, skipped)
+    bar.close()
+    print(f"instant fit on {len(paths)} images ({skipped.total} skipped); serves {manifest.network}")
+    print(f"classifier written to {args.out / 'classifier'}")
+    return 0
 
 
 def adapt_main(argv: Sequence[str] | None = None) -> int:
@@ -161,6 +191,8 @@ def _adapt(args: argparse.Namespace, quiet: bool) -> int:
             bar(m)
 
         try:
+            if args.method == "instant":
+                return _instant(args, on_step, bar)
             result = adapt(
                 args.images,
                 _classes(args.classes),

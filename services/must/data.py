@@ -317,3 +317,37 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
             "num_items": self.num_items,
             "drop_last_batch_size": self.drop_last_batch_size,
         }
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """Few-label mode's labelled images and their class indices (in the job's class order)."""
+
+    paths: list[Path]
+    labels: list[int]
+
+    def summary(self, num_classes: int) -> dict[str, Any]:
+        counts = torch.bincount(torch.as_tensor(self.labels), minlength=num_classes).tolist()
+        return {"images": len(self.paths), "per_class": counts}
+
+
+class LabelledBatches:
+    """A seeded batch of labelled images per training step (weak view), drawn by the step alone,
+    so that a resumed run sees the batches the interrupted one would have."""
+
+    def __init__(
+        self, labelled: Labelled, transform: Callable[[Image.Image], torch.Tensor], size: int, seed: int
+    ) -> None:
+        self.labelled, self.transform = labelled, transform
+        self.size, self.seed = min(size, len(labelled.paths)), seed
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(mix_seed(self.seed + 2, step))
+        chosen = torch.randperm(len(self.labelled.paths), generator=gen)[: self.size].tolist()
+        torch_state = torch.random.get_rng_state()
+        torch.manual_seed(mix_seed(self.seed + 3, step))  # the weak view's random crop
+        try:
+            pixels = [self.transform(decode_image(self.labelled.paths[i].read_bytes())) for i in chosen]
+        finally:
+            torch.random.set_rng_state(torch_state)
+        return torch.stack(pixels), torch.tensor([self.labelled.labels[i] for i in chosen])

@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from services.must.config import MustConfig
+from services.must.data import LabelledBatches
 from services.must.distributed import gather, gather_with_grad, mean_over_ranks, world
 from services.must.guard import SnapshotMemory
 from services.must.losses import (
@@ -23,6 +25,9 @@ from services.must.masking import token_mask_to_pixels
 from services.must.network import MustNetwork
 from services.must.teacher import EmaTeacher
 
+# Few-label mode: the weight of the cross-entropy on the labelled images beside MUST's losses.
+SUPERVISED_WEIGHT = 1.0
+
 
 class StudentPass(nn.Module):
     """Everything the losses need from the student, computed in one forward().
@@ -36,9 +41,13 @@ class StudentPass(nn.Module):
         self.student = student
         self.mim, self.align = mim, align
 
-    def forward(self, strong: torch.Tensor, token_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, strong: torch.Tensor, token_mask: torch.Tensor, labelled: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         cls_token, patch_tokens = self.student.encode(strong, token_mask)
         out = {"logits": self.student.classify(cls_token)}
+        if labelled is not None:  # few-label mode: the labelled images, whole (no mask)
+            out["labelled_logits"] = self.student(labelled)
         if self.mim:
             out["pixels"] = self.student.decode(patch_tokens).float()
         if self.align:
@@ -70,6 +79,8 @@ class MustTask(nn.Module):
         self.fairness_momentum = ema_momentum(config.batch_size, fairness_window(k, config.fairness_samples))
         # The guard's best teacher snapshot so far (starts as the zero-shot network), see guard.py.
         self.snapshots = SnapshotMemory(student)
+        # Few-label mode: a seeded batch of labelled images per step (None: no labels).
+        self.labelled: LabelledBatches | None = None
 
     def train(self, mode: bool = True) -> MustTask:
         super().train(mode)
@@ -87,20 +98,24 @@ class MustTask(nn.Module):
         strong: torch.Tensor,
         token_mask: torch.Tensor,
         student: nn.Module | None = None,
+        labelled: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Losses for one batch: teacher on the weak view, student on the masked strong view.
+        """Losses for one batch: teacher on the weak view, student on the masked strong view, and
+        in few-label mode a cross-entropy of the student on a batch of labelled images.
 
         `student` is `student_pass()` or that module wrapped in DDP (the default: unwrapped). In a
         distributed run the batch is this rank's share: the fairness term's mean prediction and the
         statistics use every rank's predictions (gathered), and the masked means divide by the
         mean count per rank, so that DDP's average of the ranks' gradients is the global batch's.
+        Every rank draws the same labelled batch, so their mean cross-entropy is one process's.
         """
         cfg = self.config
         # classify() computes logits in fp32 even under autocast: pseudo-labels and the threshold
         # compare probabilities that bf16 logits (scale 100) would shift by several percent.
         with torch.no_grad():
             teacher_probs = self.teacher.module(weak).softmax(-1)
-        out = (student or self.student_pass())(strong, token_mask)
+        labelled_images = labelled[0] if labelled is not None else None
+        out = (student or self.student_pass())(strong, token_mask, labelled_images)
         logits = out["logits"]
         log_probs = logits.log_softmax(-1)
         denominator = mean_over_ranks if world().active else None
@@ -121,6 +136,9 @@ class MustTask(nn.Module):
             l_align = alignment_loss(out["cls_proj"], out["patch_proj"], token_mask, denominator)
         loss = l_self + cfg.fairness_weight * l_fair + cfg.mim_weight * l_mim + cfg.align_weight * l_align
         losses = {"loss": loss, "self_training": l_self, "fairness": l_fair, "mim": l_mim, "align": l_align}
+        if labelled is not None:
+            losses["supervised"] = F.cross_entropy(out["labelled_logits"], labelled[1])
+            losses["loss"] = loss + SUPERVISED_WEIGHT * losses["supervised"]
         stats = label_free_stats(
             gather(teacher_probs), all_log_probs.detach().exp(), gather(keep.float()) > 0
         )

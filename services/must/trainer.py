@@ -137,7 +137,8 @@ def _loader(dataset: Dataset, sampler: SeededPositions, cfg: MustConfig, device:
     )
 
 
-_LOSS_KEYS = ("loss", "self_training", "fairness", "mim", "align")
+# "supervised" only in few-label mode.
+_LOSS_KEYS = ("loss", "self_training", "fairness", "mim", "align", "supervised")
 
 
 class _Run:
@@ -253,8 +254,12 @@ class _Run:
             if self.dtype is not None
             else contextlib.nullcontext()
         )
+        labelled = None
+        if task.labelled is not None:
+            images, labels = task.labelled.batch(step)
+            labelled = (images.to(self.device, non_blocking=True), labels.to(self.device))
         with amp:
-            out = task.training_forward(weak, strong, mask, self.student_pass)
+            out = task.training_forward(weak, strong, mask, self.student_pass, labelled)
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         if cfg.grad_clip:
@@ -264,8 +269,9 @@ class _Run:
         self.scheduler.step()
         decay = task.update_teacher(step)
         # Each rank's loss terms are its share of the global ones; the statistics are global already.
-        losses = mean_over_ranks(torch.stack([out[k].detach().float() for k in _LOSS_KEYS]))
-        values = dict(zip(_LOSS_KEYS, losses.tolist(), strict=True))
+        names = [k for k in _LOSS_KEYS if k in out]
+        losses = mean_over_ranks(torch.stack([out[k].detach().float() for k in names]))
+        values = dict(zip(names, losses.tolist(), strict=True))
         values.update({k: float(v) for k, v in out.items() if k not in _LOSS_KEYS})
         return values, lr, decay
 
@@ -317,7 +323,7 @@ def fit(
             images_per_sec=cfg.batch_size / max(now - tick, 1e-9),
             lr=lr,
             ema_decay=decay,
-            losses={k: values[k] for k in _LOSS_KEYS},
+            losses={k: values[k] for k in _LOSS_KEYS if k in values},
             stats={k: v for k, v in values.items() if k not in _LOSS_KEYS},
             elapsed_s=now - start,
         )

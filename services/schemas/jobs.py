@@ -86,6 +86,13 @@ HPARAM_TYPES: dict[str, Any] = {
     "num_workers": Annotated[int, Field(strict=True, ge=0, le=64)],
 }
 HPARAM_NAMES: frozenset[str] = frozenset(HPARAM_TYPES)
+# Few-label mode's limit: beyond a few images per class a fine-tuning method is the better tool.
+MAX_LABELLED_PER_CLASS = 16
+# The hyperparameters the instant method uses (the guard's, the seed and the feature pass's);
+# the others belong to MUST's training and are refused for an instant job, not ignored.
+INSTANT_HPARAM_NAMES: frozenset[str] = frozenset(
+    {"guard_images", "guard_margin", "seed", "precision", "num_workers"}
+)
 _HPARAM_ADAPTERS: dict[str, TypeAdapter[Any]] = {name: TypeAdapter(tp) for name, tp in HPARAM_TYPES.items()}
 
 
@@ -238,6 +245,23 @@ class EvalSpec(BaseModel):
     _uri = field_validator("uri")(_storage_uri)
 
 
+class LabelledSpec(BaseModel):
+    """Few-label mode: a few labelled images per class that train beside the unlabeled ones."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    uri: str = Field(
+        description="The eval set's layouts (a folder per class, or a `.csv`/`.jsonl` manifest); "
+        f"1..{MAX_LABELLED_PER_CLASS} images for every class, labels must be class names. They train "
+        "(MUST: a cross-entropy beside its losses; both methods: class prototypes mixed into the head "
+        "and, for the instant method, fixed labels in its fit); the guard that picks what is served "
+        "stays label-free",
+        examples=["s3://my-images/few-labels/"],
+    )
+
+    _uri = field_validator("uri")(_storage_uri)
+
+
 _CREATE_EXAMPLE: dict[str, Any] = {
     "class_names": ["cat", "dog", "bird"],
     "class_descriptions": {"bird": "a small bird perched on a branch"},
@@ -316,6 +340,21 @@ class AdaptationCreate(BaseModel):
     resources: Resources | None = Field(
         default=None, description="What the job needs of its worker; omitted: 1 GPU"
     )
+    labelled: LabelledSpec | None = Field(
+        default=None, description="Few-label mode: a few labelled images per class (see LabelledSpec)"
+    )
+    method: Literal["must", "instant"] = Field(
+        default="must",
+        description='"must": train the image tower and head (hours on large sets); "instant": a '
+        "training-free, transductive fit of the head on the images' features (seconds to minutes). "
+        "Both are judged by the same label-free guard, which serves zero-shot when they do not beat it",
+    )
+    warm_start: Literal["instant"] | None = Field(
+        default=None,
+        description='MUST only: "instant" runs the instant method on the same images first (its '
+        "features are cached) and starts MUST's teacher and student from its head when the guard "
+        "accepts it; otherwise MUST starts from zero-shot and the job says so",
+    )
     name: str | None = Field(
         default=None,
         min_length=1,
@@ -365,11 +404,33 @@ class AdaptationCreate(BaseModel):
     @model_validator(mode="after")
     def _batch_splits_over_gpus(self) -> Self:
         gpus = self.resources.gpus if self.resources else 1
+        if gpus > 1 and (self.labelled is not None or self.warm_start is not None):
+            raise ValueError(
+                "few-label mode (labelled) and warm_start run on one GPU for now: omit resources.gpus"
+            )
         batch = (self.hparams or {}).get("batch_size")
         if isinstance(batch, int) and batch % gpus:
             raise ValueError(
                 f"hparams.batch_size {batch} is the global batch: it must be divisible by "
                 f"resources.gpus {gpus}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _method_fields(self) -> Self:
+        if self.method != "instant":
+            return self
+        if self.resources is not None and self.resources.gpus > 1:
+            raise ValueError("method 'instant' runs on one GPU (it trains nothing): omit resources.gpus")
+        if self.warm_start is not None:
+            raise ValueError(
+                "warm_start applies to method 'must' only (it starts MUST from the instant head)"
+            )
+        unused = sorted(set(self.hparams or {}) - INSTANT_HPARAM_NAMES)
+        if unused:
+            raise ValueError(
+                f"hyperparameter(s) {_listed(unused)} train MUST and do not apply to method 'instant'; "
+                f"it accepts: {', '.join(sorted(INSTANT_HPARAM_NAMES))}"
             )
         return self
 
@@ -475,7 +536,7 @@ _PUBLIC_EXAMPLE: dict[str, Any] = {
 class GuardCandidate(BaseModel):
     """One classifier the label-free guard considered, with its scores (see services/must/guard.py)."""
 
-    name: str = Field(description='"zero_shot", "teacher", "student" or "teacher@<step>"')
+    name: str = Field(description='"zero_shot", "teacher", "student", "teacher@<step>" or "instant"')
     step: int
     margin: float = Field(description="The criterion: neighbourhood gain over zero-shot, in both spaces")
     gain_zs_space: float
@@ -492,6 +553,12 @@ class Outcome(BaseModel):
     served: str
     reason: str
     candidates: list[GuardCandidate]
+    method: Literal["must", "instant"] = "must"
+    warm_start: dict[str, Any] | None = Field(
+        default=None,
+        description='With `warm_start: "instant"`: whether MUST started from the instant head '
+        "(`used`), and the instant run's guard decision",
+    )
     views: dict[str, Any] | None = Field(
         default=None, description="The student's view strength fitted without labels, and its agreement"
     )
@@ -536,7 +603,8 @@ class EvaluationReport(BaseModel):
     class_names: list[str]
     served: str = Field(description="The classifier the job serves (the `served` candidate is that one)")
     candidates: dict[str, EvalScore] = Field(
-        description='Keys "zero_shot", "teacher", "student" and "served"'
+        description='Keys "zero_shot", "teacher", "student" and "served" (MUST), or "zero_shot", '
+        '"instant" and "served" (instant)'
     )
 
 

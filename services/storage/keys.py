@@ -79,3 +79,15 @@ def metrics_key(job_id: str) -> str:
 def prediction_results_key(job_id: str, run_id: str) -> str:
     """The JSONL of a batch prediction run, kept with its adaptation (deleted with it)."""
     return f"{adaptation_prefix(job_id)}predictions/{_segment(run_id, 'prediction run id')}.jsonl"
+
+
+# Image features of the instant method, shared by every job of the same image tower and images.
+FEATURES_FOLDER = "features"
+
+
+def features_key(cache_key: str) -> str:
+    """The cached features the engine names `<tower sha256>/<images sha256>.safetensors`."""
+    parts = cache_key.split("/")
+    if len(parts) != 2:
+        raise InvalidRequest(f"invalid features cache key {cache_key!r}")
+    return f"{FEATURES_FOLDER}/{_segment(parts[0], 'tower digest')}/{_segment(parts[1], 'features name')}"

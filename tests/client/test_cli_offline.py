@@ -36,6 +36,10 @@ def test_adapt_arguments_become_a_request(tmp_path: Path) -> None:
     assert args.wait
     assert args.hparams == {"mask_ratio": 0.4}
     assert build_parser().parse_args(["adapt", "s3://b/", "--classes", "a, b,c"]).classes == ["a", "b", "c"]
+    instant = build_parser().parse_args(["adapt", "s3://b/", "--classes", "a,b", "--method", "instant"])
+    assert (instant.method, instant.warm_start) == ("instant", None)
+    warm = build_parser().parse_args(["adapt", "s3://b/", "--classes", "a,b", "--warm-start", "instant"])
+    assert (warm.method, warm.warm_start) == (None, "instant")
 
 
 @pytest.mark.parametrize(
@@ -194,3 +198,24 @@ def test_status_says_what_a_job_serves_and_why() -> None:
     assert "why       no adapted classifier beat zero-shot" in text
     assert "guard     margin over zero-shot: zero_shot +0.000, teacher -0.021" in text
     assert "views     crop >= 0.85, rand-n1-m3, no flip, zero-shot agreement 0.81" in text
+
+
+def test_status_names_the_instant_method_and_a_warm_start() -> None:
+    score = {"step": 0, "gain_zs_space": 0.4, "gain_own_space": 0.4, "zero_shot_in_own_space": 0.4}
+    candidates = [{"name": "zero_shot", "margin": 0.0, "balance": 0.9, **score}]
+    base = {
+        "id": "0b6f3c1e-5a52-4c3c-9d0e-2f4f3f2d9a10",
+        "status": "succeeded",
+        "created_at": datetime(2026, 11, 25, 10, 0, tzinfo=UTC),
+        "progress": {"step": 1, "total_steps": 1},
+        "request": {},
+    }
+    outcome = {"served": "instant", "reason": "instant beats zero-shot", "candidates": candidates}
+    instant = AdaptationPublic.model_validate(base | {"outcome": outcome | {"method": "instant"}})
+    warm = {"method": "instant", "used": False, "reason": "no adapted classifier beat zero-shot"}
+    must = AdaptationPublic.model_validate(base | {"outcome": outcome | {"warm_start": warm}})
+
+    assert "method    instant" in describe_job(instant)
+    assert "warm start" not in describe_job(instant)
+    assert "instant head not used: no adapted classifier beat zero-shot" in describe_job(must)
+    assert "method" not in describe_job(must)

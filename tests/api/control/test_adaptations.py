@@ -166,3 +166,18 @@ def test_a_succeeded_job_says_what_it_serves_and_why(
     assert [c["name"] for c in job["outcome"]["candidates"]] == ["zero_shot", "teacher"]
     assert job["outcome"]["candidates"][1]["margin"] == -0.012
     assert job["outcome"]["views"]["hflip"] is False
+
+
+def test_method_is_recorded_and_fields_it_cannot_use_are_a_422(
+    client: TestClient, queue: RecordingJobQueue, body: dict[str, Any]
+) -> None:
+    instant = _submit(client, body | {"method": "instant", "hparams": {"guard_images": 512}})
+    assert (instant["request"]["method"], instant["request"]["warm_start"]) == ("instant", None)
+    warm = _submit(client, body | {"warm_start": "instant"})
+    assert (warm["request"]["method"], warm["request"]["warm_start"]) == ("must", "instant")
+    assert queue.job_ids == [instant["id"], warm["id"]]
+
+    refused = client.post("/adaptations", json=body | {"method": "instant", "hparams": {"total_steps": 9}})
+    assert refused.status_code == 422
+    assert "do not apply to method 'instant'" in refused.text
+    assert client.post("/adaptations", json=body | {"method": "linear-probe"}).status_code == 422

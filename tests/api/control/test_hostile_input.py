@@ -125,6 +125,8 @@ def test_models_cannot_name_server_files_or_hub_repositories(
         ({"eval": {"uri": "file:///etc/"}}, "eval.uri must be an s3:// URI"),
         ({"dataset": {"uri": "s3://must-artifacts/platform/adaptations/"}}, "artifacts store"),
         ({"eval": {"uri": "s3://must-artifacts/platform//adaptations/x/"}}, "artifacts store"),
+        ({"labelled": {"uri": "file:///etc/"}}, "labelled.uri must be an s3:// URI"),
+        ({"labelled": {"uri": "s3://must-artifacts/platform/adaptations/x/"}}, "artifacts store"),
     ],
 )
 def test_data_locations_are_s3_outside_the_artifacts_store(

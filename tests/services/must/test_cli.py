@@ -105,3 +105,23 @@ def test_console_scripts_are_installed() -> None:
         result = subprocess.run([str(bindir / script), "--help"], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0
         assert "usage" in result.stdout
+
+
+def test_instant_method_writes_a_classifier_and_refuses_training_options(
+    micro_clip, tmp_path: Path, capsys
+) -> None:
+    write_folder("target", 12, seed=3, out=tmp_path / "imgs")
+    out = tmp_path / "run"
+
+    assert adapt_main(_args(micro_clip, tmp_path / "imgs", out, "circle,square", "--method", "instant")) == 0
+
+    printed = capsys.readouterr().out
+    assert "instant fit on 12 images" in printed
+    manifest = json.loads((out / "classifier" / "manifest.json").read_text())
+    assert manifest["metrics"]["method"] == "instant"
+    assert manifest["network"] in {"instant", "zero_shot"}
+    assert len(list((out / "features").rglob("*.safetensors"))) == 1
+    assert (out / "metrics.jsonl").read_text().splitlines()
+    args = _args(micro_clip, tmp_path / "imgs", out, "circle,square", "--method", "instant", "--steps", "3")
+    assert adapt_main(args) == 2
+    assert "do not apply to --method instant" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from services.must.config import MustConfig
-from services.schemas.jobs import HPARAM_NAMES, AdaptationCreate, TrainJobMessage
+from services.schemas.jobs import HPARAM_NAMES, INSTANT_HPARAM_NAMES, AdaptationCreate, TrainJobMessage
 
 BASE: dict[str, Any] = {"class_names": ["cat", "dog"], "dataset": {"uri": "s3://my-images/unlabeled/"}}
 
@@ -62,3 +62,26 @@ def test_train_job_message_round_trips_as_json() -> None:
     message = TrainJobMessage(job_id="0b6f3c1e-5a52-4c3c-9d0e-2f4f3f2d9a10")
 
     assert TrainJobMessage.model_validate_json(message.model_dump_json()) == message
+
+
+def test_method_defaults_to_must_and_instant_takes_its_own_hparams() -> None:
+    assert AdaptationCreate.model_validate(BASE).method == "must"
+    request = AdaptationCreate.model_validate(BASE | {"method": "instant", "hparams": {"seed": 3}})
+    assert (request.method, request.hparams, request.warm_start) == ("instant", {"seed": 3}, None)
+    warm = AdaptationCreate.model_validate(BASE | {"warm_start": "instant"})
+    assert (warm.method, warm.warm_start) == ("must", "instant")
+    assert INSTANT_HPARAM_NAMES < HPARAM_NAMES
+
+
+@pytest.mark.parametrize(
+    ("change", "hint"),
+    [
+        ({"method": "instant", "hparams": {"total_steps": 10}}, "'total_steps' train MUST and do not apply"),
+        ({"method": "instant", "warm_start": "instant"}, "warm_start applies to method 'must' only"),
+        ({"method": "tent"}, "Input should be 'must' or 'instant'"),
+        ({"warm_start": "zero_shot"}, "Input should be 'instant'"),
+    ],
+)
+def test_method_fields_that_cannot_apply_are_refused(change: dict[str, Any], hint: str) -> None:
+    with pytest.raises(ValidationError, match=re.escape(hint)):
+        AdaptationCreate.model_validate(BASE | change)
