@@ -59,6 +59,13 @@ def _messages(response: Any) -> str:
             "body",
             "batch_size 64 is the global batch: it must be divisible by resources.gpus 3",
         ),
+        ({"resources": {"gpus": 2}, "method": "instant"}, "body", "method 'instant' runs on one GPU"),
+        ({"resources": {"gpus": 2}, "warm_start": "instant"}, "body", "warm_start run on one GPU"),
+        (
+            {"resources": {"gpus": 2}, "labelled": {"uri": "s3://my-bucket/labelled/"}},
+            "body",
+            "few-label mode (labelled) and warm_start run on one GPU",
+        ),
     ],
 )
 def test_bad_body_is_422_naming_the_field_and_the_fix(
