@@ -9,7 +9,6 @@ thread); when the worker dies the reconciler requeues the run and it starts over
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import tempfile
@@ -33,6 +32,7 @@ from services.jobs.states import JobStatus
 from services.locations import check_location
 from services.must.adapt import default_device
 from services.must.batch import BatchOptions, classify_stream
+from services.must.checkpoint import sha256_file
 from services.must.data import ImageLoadError, SkipReport
 from services.must.errors import MustError
 from services.must.export import MANIFEST, WEIGHTS, load_classifier
@@ -108,7 +108,7 @@ def _load(job: Job, store: ObjectStore, prefix: str, folder: Path, device: torch
         (MANIFEST, keys.classifier_manifest_key(job.id)),
     ):
         store.download_file(keys.join_key(prefix, key), folder / name)
-    if hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest() != job.artifact_sha256:
+    if sha256_file(folder / WEIGHTS) != job.artifact_sha256:
         raise PredictionFailed(f"the stored classifier of adaptation {job.id} does not match its sha256")
     return load_classifier(folder, device=device)
 
@@ -205,7 +205,7 @@ def _run(run: _Run, device: torch.device) -> None:
             raise LeaseLost(run.run_id)
         key = keys.join_key(artifacts_prefix, keys.prediction_results_key(job.id, run.run_id))
         artifacts.upload_file(key, results)
-        digest = hashlib.sha256(results.read_bytes()).hexdigest()
+        digest = sha256_file(results)
         size = results.stat().st_size
     with run.session_factory() as session:
         predictions.finish_run(

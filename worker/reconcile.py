@@ -22,7 +22,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
+from functools import partial
 
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
@@ -65,6 +66,30 @@ def requeue_stale_jobs(session_factory: sessionmaker[Session], queue_send: Queue
     return job_ids
 
 
+def _resend_lost(
+    session_factory: sessionmaker[Session],
+    waiting: list[tuple[str, str | None]],
+    in_broker: BrokerContents,
+    claim: Callable[[Session, str], bool],
+    send: Callable[[str], None],
+) -> list[str]:
+    """Send again each of `waiting` (id, task id) whose message the broker no longer holds and that
+    this call claims (another worker's reconciler, or a worker taking it, wins otherwise)."""
+    if not waiting:
+        return []
+    present = in_broker()
+    resent = []
+    for item_id, task_id in waiting:
+        if present is not None and task_id and task_id in present:
+            continue  # still waiting for a free worker
+        with session_factory() as session:
+            if not claim(session, item_id):
+                continue
+        send(item_id)
+        resent.append(item_id)
+    return resent
+
+
 def resend_lost_messages(
     session_factory: sessionmaker[Session],
     queue_send: QueueSend,
@@ -76,20 +101,17 @@ def resend_lost_messages(
     cutoff = utcnow() - timedelta(seconds=after_seconds)
     with session_factory() as session:
         waiting = repository.queued_before(session, cutoff)
-    if not waiting:
-        return []
-    present = in_broker()
-    resent = []
-    for job_id, task_id in waiting:
-        if present is not None and task_id and task_id in present:
-            continue  # still waiting for a free worker
-        with session_factory() as session:
-            if not repository.claim_resend(session, job_id, cutoff=cutoff):
-                continue  # another worker's reconciler got there first, or a worker took the job
+
+    def send(job_id: str) -> None:
         send_job(session_factory, queue_send, job_id)
         log.warning("job %s was queued without a message in the broker; sent it again", job_id)
-        resent.append(job_id)
-    return resent
+
+    claim = partial(_claim, repository.claim_resend, cutoff)
+    return _resend_lost(session_factory, waiting, in_broker, claim, send)
+
+
+def _claim(claim_resend: Callable[..., bool], cutoff: datetime, session: Session, item_id: str) -> bool:
+    return claim_resend(session, item_id, cutoff=cutoff)
 
 
 def send_run(session_factory: sessionmaker[Session], queue_send: QueueSend, run_id: str) -> None:
@@ -122,20 +144,13 @@ def resend_lost_runs(
     cutoff = utcnow() - timedelta(seconds=after_seconds)
     with session_factory() as session:
         waiting = predictions.queued_before(session, cutoff)
-    if not waiting:
-        return []
-    present = in_broker()
-    resent = []
-    for run_id, task_id in waiting:
-        if present is not None and task_id and task_id in present:
-            continue
-        with session_factory() as session:
-            if not predictions.claim_resend(session, run_id, cutoff=cutoff):
-                continue
+
+    def send(run_id: str) -> None:
         send_run(session_factory, queue_send, run_id)
         log.warning("prediction run %s was queued without a message in the broker; sent it again", run_id)
-        resent.append(run_id)
-    return resent
+
+    claim = partial(_claim, predictions.claim_resend, cutoff)
+    return _resend_lost(session_factory, waiting, in_broker, claim, send)
 
 
 def broker_contents(broker_url: str, delivered_within_s: float) -> BrokerContents:
