@@ -13,6 +13,7 @@ probes are mounted without this dependency, so load balancers and orchestrators 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import threading
 import time
@@ -78,12 +79,19 @@ class KeyLookup:
         self._cache: dict[str, tuple[float, Principal | None]] = {}
         self._lock = threading.Lock()
 
-    def __call__(self, key: str) -> Principal | None:
-        digest, now = hash_key(key), time.monotonic()
+    def remembered(self, key: str) -> tuple[bool, Principal | None]:
+        """(True, the principal) when the key's lookup is remembered and fresh; no I/O."""
         with self._lock:
-            entry = self._cache.get(digest)
-        if entry is not None and now - entry[0] < self.ttl:
-            return entry[1]
+            entry = self._cache.get(hash_key(key))
+        if entry is not None and time.monotonic() - entry[0] < self.ttl:
+            return True, entry[1]
+        return False, None
+
+    def __call__(self, key: str) -> Principal | None:
+        known, remembered = self.remembered(key)
+        if known:
+            return remembered
+        digest, now = hash_key(key), time.monotonic()
         try:
             with self.session_factory() as session:
                 principal = find_principal(session, key)
@@ -105,8 +113,12 @@ BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Security(_bea
 HeaderKey = Annotated[str | None, Security(_key_header)]
 
 
-def require_api_key(request: Request, bearer: BearerCredentials, header_key: HeaderKey) -> Principal:
-    """Route dependency: the request's principal; 401 without a valid key (auth off: embedded admin)."""
+async def require_api_key(request: Request, bearer: BearerCredentials, header_key: HeaderKey) -> Principal:
+    """Route dependency: the request's principal; 401 without a valid key (auth off: embedded admin).
+
+    Runs on the event loop: only a stored key that is not remembered costs a database lookup,
+    in a thread (a sync dependency would take a thread hop on every request).
+    """
     settings: Settings = request.app.state.settings
     if not auth_required(settings):
         return EMBEDDED_PRINCIPAL
@@ -118,7 +130,9 @@ def require_api_key(request: Request, bearer: BearerCredentials, header_key: Hea
         principal = env_principal(key, settings.env_keys())
         if principal is None:
             lookup: KeyLookup = request.app.state.key_lookup
-            principal = lookup(key)
+            known, principal = lookup.remembered(key)
+            if not known:
+                principal = await asyncio.to_thread(lookup, key)
     if principal is None:
         raise Unauthorized(f"the API key is not valid for this service: {HOW_TO_SEND} with a valid key")
     return principal

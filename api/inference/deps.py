@@ -66,13 +66,13 @@ class ImageReader:
         return local_copy(location, folder, self.settings, client=client)
 
 
-def get_predictor(request: Request) -> Predictor:
+async def get_predictor(request: Request) -> Predictor:
     """The predictor the lifespan built."""
     predictor: Predictor = request.app.state.predictor
     return predictor
 
 
-def get_image_reader(request: Request) -> ImageReader:
+async def get_image_reader(request: Request) -> ImageReader:
     """The app's image reader."""
     reader: ImageReader = request.app.state.image_reader
     return reader

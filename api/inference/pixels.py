@@ -38,12 +38,21 @@ def pixel_steps(classifier: ImageClassifier) -> PixelSteps | None:
     return PixelSteps(T.Compose(steps[:-2]), tuple(normalize.mean), tuple(normalize.std))
 
 
-def to_uint8(steps: PixelSteps, images: Sequence[Image.Image]) -> torch.Tensor:
-    """[B, C, H, W] uint8 pixels of RGB images after the PIL steps."""
-    rgb = (image if image.mode == "RGB" else image.convert("RGB") for image in images)
-    batch = np.stack([np.asarray(steps.to_image(image)) for image in rgb])
+def prepare(steps: PixelSteps, image: Image.Image) -> np.ndarray:
+    """[H, W, C] uint8 pixels of one image after the PIL steps (converted to RGB first)."""
+    return np.asarray(steps.to_image(image if image.mode == "RGB" else image.convert("RGB")))
+
+
+def stack(prepared: Sequence[np.ndarray]) -> torch.Tensor:
+    """[B, C, H, W] uint8 pixels from `prepare`d images."""
+    batch = np.stack(prepared)
     # numpy, not torch, makes it channels-first: a torch copy here would start its own thread team.
     return torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
+
+
+def to_uint8(steps: PixelSteps, images: Sequence[Image.Image]) -> torch.Tensor:
+    """[B, C, H, W] uint8 pixels of images after the PIL steps."""
+    return stack([prepare(steps, image) for image in images])
 
 
 def normalize(pixels: torch.Tensor, classifier: ImageClassifier) -> torch.Tensor:
@@ -56,6 +65,6 @@ def normalize(pixels: torch.Tensor, classifier: ImageClassifier) -> torch.Tensor
     steps = pixel_steps(classifier)
     if steps is None:
         raise ValueError("8-bit pixels for a classifier whose preprocessing cannot be split")
-    mean = torch.as_tensor(steps.mean, dtype=torch.float32).view(-1, 1, 1)
-    std = torch.as_tensor(steps.std, dtype=torch.float32).view(-1, 1, 1)
+    mean = torch.as_tensor(steps.mean, dtype=torch.float32, device=pixels.device).view(-1, 1, 1)
+    std = torch.as_tensor(steps.std, dtype=torch.float32, device=pixels.device).view(-1, 1, 1)
     return pixels.to(torch.float32).div_(255).sub_(mean).div_(std)

@@ -19,22 +19,32 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.inference.errors import AdaptationNotReady, ImageRejected, WeightsNotAvailable, public_reason
+from api.inference.batching import Arrival, MicroBatcher, Work, answer
+from api.inference.errors import (
+    AdaptationNotReady,
+    ImageRejected,
+    NoUsableImages,
+    WeightsNotAvailable,
+    public_reason,
+)
 from api.inference.memory import release_freed_memory
-from api.inference.pixels import PixelSteps, normalize, pixel_steps, to_uint8
+from api.inference.pixels import PixelSteps, normalize, pixel_steps, prepare, stack
+from api.inference.threads import ThreadChooser
 from services.db.models import Job
 from services.errors import ArtifactMissing, InvalidRequest, JobNotFound, RequestTooLarge
 from services.jobs import repository
 from services.jobs.states import JobStatus
 from services.must.classifier import validate_class_names, validate_templates
-from services.must.data import ImageLoadError, decode_image, image_size
+from services.must.data import ImageLoadError, load_image, open_image
 from services.must.errors import CheckpointError, MustError, WeightsUnavailable
 from services.must.export import MANIFEST, WEIGHTS, load_classifier, read_manifest
 from services.must.inference import ImageClassifier
@@ -44,7 +54,8 @@ from services.storage.keys import classifier_manifest_key, classifier_weights_ke
 
 log = logging.getLogger(__name__)
 
-Forward = Callable[[ImageClassifier, torch.Tensor], torch.Tensor]
+# An image's top labels: [{"label", "probability"}, ...], most probable first.
+Ranked = list[dict[str, Any]]
 # Requests whose images hold this many pixels give the memory of their decodes back afterwards
 # (a 2000x2000 image decodes to 12 MB; smaller ones are served from memory glibc keeps anyway).
 TRIM_AFTER_PIXELS = 4_000_000
@@ -313,130 +324,6 @@ class ClassifierCache:
         return ServedModel(key, classifier, description)
 
 
-class Arrival:
-    """A request counted as on its way to the batcher, from route entry until it is queued or ends."""
-
-    def __init__(self, batcher: MicroBatcher) -> None:
-        self._batcher: MicroBatcher | None = batcher
-        batcher.incoming += 1
-
-    def close(self) -> None:
-        """Stop counting the request (idempotent)."""
-        if self._batcher is not None:
-            self._batcher.incoming -= 1
-            self._batcher = None
-
-
-@dataclass
-class _Pending:
-    model: ServedModel
-    pixels: torch.Tensor
-    done: asyncio.Future[torch.Tensor]
-
-
-class MicroBatcher:
-    """Collects concurrent requests into batches of up to `max_batch` images, one forward per model.
-
-    A batch waits only while more requests are known to be on their way (`incoming`: counted by
-    an `Arrival` from the route's entry, through the job lookup and decoding, until queued), and
-    at most `max_wait_s` or a tenth of the last forward's time, whichever is longer: a lone
-    request goes at once, and on a slow device the requests that arrive together are not split
-    into a small batch and a large one (small batches cost more per image, and once split, the
-    two groups of clients would stay out of step).
-    A single worker task runs the forwards one after another in one thread, so the event loop
-    stays free and the device never runs two batches at once; requests that arrive during a
-    forward form the next batch.
-    """
-
-    # The longest wait for incoming requests, as a fraction of the last forward's duration.
-    WAIT_FRACTION = 0.1
-
-    def __init__(self, forward: Forward, *, max_batch: int = 32, max_wait_s: float = 0.005) -> None:
-        self.forward = forward
-        self.max_batch = max_batch
-        self.max_wait_s = max_wait_s
-        self.incoming = 0
-        self._last_forward_s = 0.0
-        self._queue: asyncio.Queue[_Pending] | None = None
-        self._worker: asyncio.Task[None] | None = None
-        # Always the same thread: torch keeps one team of intra-op threads per calling thread.
-        self._device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
-
-    async def submit(
-        self, model: ServedModel, pixels: torch.Tensor, arrival: Arrival | None = None
-    ) -> torch.Tensor:
-        """Class probabilities for `pixels`, computed in a batch with other pending requests."""
-        if self._queue is None:
-            self._queue = asyncio.Queue()
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.create_task(self._run(self._queue))
-        done: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
-        # Queued and no longer counted as incoming in one step: the batcher never sees both.
-        self._queue.put_nowait(_Pending(model, pixels, done))
-        if arrival is not None:
-            arrival.close()
-        return await done
-
-    async def close(self) -> None:
-        """Stop the worker task."""
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
-            self._worker = None
-        self._device_thread.shutdown(wait=False, cancel_futures=True)
-
-    async def _collect(self, queue: asyncio.Queue[_Pending]) -> list[_Pending]:
-        batch = [await queue.get()]
-        size = len(batch[0].pixels)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(self.max_wait_s, self.WAIT_FRACTION * self._last_forward_s)
-        while size < self.max_batch:
-            if queue.empty() and self.incoming == 0:
-                break
-            try:
-                item = await asyncio.wait_for(queue.get(), max(0.0, deadline - loop.time()))
-            except TimeoutError:
-                break
-            batch.append(item)
-            size += len(item.pixels)
-        return batch
-
-    async def _run(self, queue: asyncio.Queue[_Pending]) -> None:
-        while True:
-            batch = await self._collect(queue)
-            # Grouped by the loaded object, not the cache key: a reload may change a key's model mid-batch.
-            groups: dict[int, list[_Pending]] = {}
-            for item in batch:
-                groups.setdefault(id(item.model.classifier), []).append(item)
-            for items in groups.values():
-                await self._execute(items)
-
-    def _forward_all(self, classifier: ImageClassifier, parts: list[torch.Tensor]) -> torch.Tensor:
-        start = time.perf_counter()
-        probs = self.forward(classifier, torch.cat(parts) if len(parts) > 1 else parts[0])
-        self._last_forward_s = time.perf_counter() - start
-        return probs
-
-    async def _execute(self, items: list[_Pending]) -> None:
-        loop = asyncio.get_running_loop()
-        parts = [item.pixels for item in items]
-        try:
-            probs = await loop.run_in_executor(
-                self._device_thread, self._forward_all, items[0].model.classifier, parts
-            )
-        except Exception as exc:
-            for item in items:
-                if not item.done.done():
-                    item.done.set_exception(exc)
-            return
-        start = 0
-        for item in items:
-            stop = start + len(item.pixels)
-            if not item.done.done():
-                item.done.set_result(probs[start:stop])
-            start = stop
-
-
 def _input_side(classifier: ImageClassifier) -> int:
     """The longer side of the classifier's input images (what uploads are resized to)."""
     size = classifier.preprocess_cfg.size
@@ -444,13 +331,23 @@ def _input_side(classifier: ImageClassifier) -> int:
 
 
 def run_forward(classifier: ImageClassifier, pixels: torch.Tensor) -> torch.Tensor:
-    """One forward pass of 8-bit or normalised pixels: class probabilities [B, K] on the CPU."""
+    """One forward pass of 8-bit or normalised pixels: class probabilities [B, K] on the CPU.
+
+    The classifier is in eval mode from its load; `predict` would set it again on every call
+    (a walk over every module) and split the batch.
+    """
     with torch.inference_mode():
-        return classifier.predict(normalize(pixels, classifier))
+        pixels = normalize(pixels.to(classifier.device, non_blocking=True), classifier)
+        return classifier(pixels).float().softmax(-1).cpu()
 
 
 class Predictor:
-    """decode (bytes to pixels, in a thread pool) → predict (micro-batched) → encode (top-k labels)."""
+    """Images to top labels: decoding threads → the micro-batched forward → rows back to the event loop.
+
+    A request costs the event loop one hand-off (`classify` gives its bytes to a decoding thread)
+    and one wake-up (its rows); decoded pixels go from the decoding thread straight to the
+    forward thread's queue.
+    """
 
     def __init__(
         self,
@@ -462,12 +359,13 @@ class Predictor:
         max_batch: int = 32,
         max_wait_s: float = 0.005,
         preprocess_workers: int = 2,
+        threads: ThreadChooser | None = None,
     ) -> None:
         self.cache = cache
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
         self.max_request_pixels = max_request_pixels
-        self.batcher = MicroBatcher(self.forward, max_batch=max_batch, max_wait_s=max_wait_s)
+        self.batcher = MicroBatcher(self.forward, max_batch=max_batch, max_wait_s=max_wait_s, threads=threads)
         self._pool = ThreadPoolExecutor(max_workers=preprocess_workers, thread_name_prefix="preprocess")
         # Zero-shot loads (and their weight downloads) get threads of their own: however slow, they
         # never hold up the default pool that job lookups, artifact loads and image reads run in.
@@ -479,7 +377,7 @@ class Predictor:
 
     @contextmanager
     def arriving(self) -> Iterator[Arrival]:
-        """Count a request as on its way to the batcher until `predict` queues it or it ends."""
+        """Count a request as on its way to the batcher until `classify` queues it or it ends."""
         arrival = Arrival(self.batcher)
         try:
             yield arrival
@@ -501,59 +399,103 @@ class Predictor:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._loads, self.cache.zero_shot, request)
 
-    async def decode(
-        self, model: ServedModel, images: Sequence[tuple[str, bytes]]
-    ) -> tuple[torch.Tensor | None, list[ImageRejected | None]]:
-        """Decode and preprocess named image bytes off the event loop: the pixels of the usable images
-        (None if there is none) and, for each image in order, why it was rejected (None: used)."""
+    async def classify(
+        self,
+        model: ServedModel,
+        images: Sequence[tuple[str, bytes]],
+        top_k: int,
+        arrival: Arrival | None = None,
+    ) -> list[Ranked | ImageRejected]:
+        """For each named image in order, its `top_k` labels or why it was rejected.
+
+        Raises the rejection when the only image is unusable, NoUsableImages when none of
+        several is, and RequestTooLarge when the images hold too many pixels together.
+        """
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._preprocess, model, images)
+        future: asyncio.Future[list[Ranked | ImageRejected]] = loop.create_future()
+        work = Work(model.classifier, _NO_PIXELS, loop, future)
+        self._pool.submit(self._decode_and_queue, model, images, top_k, arrival, work)
+        return await future
+
+    def _decode_and_queue(
+        self,
+        model: ServedModel,
+        images: Sequence[tuple[str, bytes]],
+        top_k: int,
+        arrival: Arrival | None,
+        work: Work,
+    ) -> None:
+        """In a decoding thread: the request's pixels onto the forward queue, or its error back."""
+        if work.future.done():  # the client went away while it waited for a thread
+            return
+        try:
+            pixels, rejected = self._preprocess(model, images)
+        except Exception as exc:  # RequestTooLarge, or a bug: the request fails, the thread goes on
+            answer(work, error=exc)
+            return
+        if pixels is None:
+            errors = [error for error in rejected if error is not None]
+            answer(work, error=errors[0] if len(errors) == 1 else NoUsableImages(errors))
+            return
+        work.pixels = pixels
+        work.finish = partial(_rank, model.classifier, rejected, top_k)
+        self.batcher.put(work, arrival)
 
     def _preprocess(
         self, model: ServedModel, images: Sequence[tuple[str, bytes]]
     ) -> tuple[torch.Tensor | None, list[ImageRejected | None]]:
         """Pixels of every usable image, each decoded (reduced where it is large) and preprocessed in turn.
 
-        The pixel budget is checked on the headers before anything is decoded, and an image is
-        brought to the model's input size before the next one is decoded, so a request holds at
-        most one full-size image at a time. Memory freed by a large decode is handed back to
-        the system at the end.
+        Every header is read first and the request's pixel budget checked on them before
+        anything is decoded; an image is then brought to the model's input size before the next
+        one is decoded, so a request holds at most one full-size image at a time. Memory freed
+        by a large decode is handed back to the system at the end.
         """
-        pixels = self._check_pixel_budget(images)
-        side = _input_side(model.classifier)
         rejected: list[ImageRejected | None] = [None] * len(images)
-        batch: list[torch.Tensor] = []
+        opened: list[tuple[int, Image.Image]] = []
+        for i, (name, data) in enumerate(images):
+            try:
+                opened.append((i, self._guarded(name, open_image, data, max_bytes=self.max_image_bytes)))
+            except ImageRejected as exc:
+                rejected[i] = exc
+        pixels = self._check_pixel_budget([image.size for _, image in opened])
+        side, steps = _input_side(model.classifier), model.pixels
+        floats: list[torch.Tensor] = []  # a preprocessing that cannot be split runs here whole
+        prepared: list[np.ndarray] = []
         try:
-            for i, (name, data) in enumerate(images):
+            for i, image in opened:
+                name = images[i][0]
                 try:
-                    image = self._decode_one(name, data, side)
+                    image = self._guarded(
+                        name, load_image, image, max_pixels=self.max_image_pixels, min_side=side
+                    )
                 except ImageRejected as exc:
                     rejected[i] = exc
                     continue
-                if model.pixels is None:
-                    batch.append(model.classifier.preprocess([image]))
+                if steps is None:
+                    floats.append(model.classifier.preprocess([image]))
                 else:
-                    batch.append(to_uint8(model.pixels, [image]))
+                    prepared.append(prepare(steps, image))
                 del image
-            return (torch.cat(batch) if batch else None), rejected
+            opened.clear()
+            if prepared:
+                return stack(prepared), rejected
+            return (torch.cat(floats) if floats else None), rejected
         finally:
             if pixels >= TRIM_AFTER_PIXELS:
                 release_freed_memory()
 
-    def _decode_one(self, name: str, data: bytes, side: int) -> Image.Image:
+    @staticmethod
+    def _guarded(name: str, step: Callable[..., Image.Image], *args: Any, **kwargs: Any) -> Image.Image:
+        """`open_image` or `load_image`, with a failure as the named image's rejection."""
         try:
-            return decode_image(
-                data, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels, min_side=side
-            )
+            return step(*args, **kwargs)
         except ImageLoadError as exc:
             raise ImageRejected(name, exc.reason, public_reason(exc)) from None
 
-    def _check_pixel_budget(self, images: Sequence[tuple[str, bytes]]) -> int:
-        """The pixels the images' headers add up to; RequestTooLarge beyond what one request may hold."""
-        total = 0
-        for _, data in images:
-            size = image_size(data)
-            total += size[0] * size[1] if size else 0
+    def _check_pixel_budget(self, sizes: Sequence[tuple[int, int]]) -> int:
+        """The pixels of the images' headers together; RequestTooLarge beyond what one request may hold."""
+        total = sum(width * height for width, height in sizes)
         if total > self.max_request_pixels:
             raise RequestTooLarge(
                 f"the images of this request hold {total:,} pixels together; at most "
@@ -561,18 +503,20 @@ class Predictor:
             )
         return total
 
-    async def predict(
-        self, model: ServedModel, pixels: torch.Tensor, arrival: Arrival | None = None
-    ) -> torch.Tensor:
-        """Class probabilities [B, K], batched with concurrent requests for the same model."""
-        return await self.batcher.submit(model, pixels, arrival)
-
-    def encode(self, model: ServedModel, probs: torch.Tensor, top_k: int) -> list[list[dict[str, Any]]]:
-        """The `top_k` labels and probabilities of each image."""
-        return model.classifier.top_k(probs, top_k)
-
     async def close(self) -> None:
         """Stop the batcher, the preprocessing and the loader threads."""
         await self.batcher.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._loads.shutdown(wait=False, cancel_futures=True)
+
+
+# A request's pixels before its decoding thread has produced them.
+_NO_PIXELS = torch.empty(0)
+
+
+def _rank(
+    classifier: ImageClassifier, rejected: list[ImageRejected | None], top_k: int, probs: torch.Tensor
+) -> list[Ranked | ImageRejected]:
+    """In the forward thread: each usable image's top labels, in the request's order with its rejections."""
+    ranked = iter(classifier.top_k(probs, top_k))
+    return [error if error is not None else next(ranked) for error in rejected]

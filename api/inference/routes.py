@@ -8,18 +8,21 @@ import re
 from http import HTTPStatus
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from api.common.auth import PrincipalDep
 from api.common.errors import error_responses
 from api.common.metrics import PredictionSource, record_predictions
+from api.inference.batching import Arrival
 from api.inference.deps import ImageReader, ImageReaderDep, PredictorDep
-from api.inference.errors import ImageRejected, NoUsableImages
-from api.inference.predictor import Arrival, Predictor, ServedModel, ZeroShotRequest
+from api.inference.errors import ImageRejected
+from api.inference.predictor import Predictor, Ranked, ServedModel, ZeroShotRequest
+from api.inference.uploads import Form, parse_form
 from services.auth.keys import Principal
 from services.config import Settings
-from services.errors import InvalidRequest, RequestTooLarge
+from services.errors import InvalidRequest
 from services.locations import check_location
 from services.must.loading import ModelSpec
 from services.schemas.jobs import MODEL_NAME_PATTERN
@@ -178,13 +181,8 @@ async def _classify(
     arrival: Arrival,
 ) -> list[list[Prediction] | ImageRejected]:
     """Each image's top labels, or its rejection; raises when no image is usable."""
-    pixels, rejected = await predictor.decode(served, images)
-    if pixels is None:
-        errors = [error for error in rejected if error is not None]
-        raise errors[0] if len(errors) == 1 else NoUsableImages(errors)
-    probs = await predictor.predict(served, pixels, arrival)
-    rows = iter(predictor.encode(served, probs, top_k))
-    return [error if error is not None else [Prediction(**p) for p in next(rows)] for error in rejected]
+    outcomes = await predictor.classify(served, images, top_k, arrival)
+    return [o if isinstance(o, ImageRejected) else [Prediction(**p) for p in o] for o in outcomes]
 
 
 def _threshold(fields: ModelFields, served: ServedModel) -> float | None:
@@ -247,31 +245,94 @@ async def predict_url(
     )
 
 
-@router.post("/predict", response_model=BatchPredictResponse, responses=_ERRORS, status_code=HTTPStatus.OK)
-async def predict_files(
-    request: Request,
-    predictor: PredictorDep,
-    reader: ImageReaderDep,
-    principal: PrincipalDep,
-    files: Annotated[list[UploadFile], File(description="One or more images")],
-    fields: Annotated[ModelFields, Form()],
-) -> BatchPredictResponse:
-    """Classify uploaded images with an adapted classifier or the zero-shot baseline."""
-    limits = reader.settings.limits
-    if len(files) > limits.max_files_per_request:
-        raise RequestTooLarge(
-            f"{len(files)} files in one request; at most {limits.max_files_per_request} "
-            "(MUST_LIMITS__MAX_FILES_PER_REQUEST): send them in several requests"
+def _upload_schema() -> dict[str, Any]:
+    """The multipart body's OpenAPI schema: the `ModelFields` as text fields, plus the files."""
+    schema = ModelFields.model_json_schema()
+    schema["properties"] = {
+        "files": {
+            "type": "array",
+            "items": {"type": "string", "format": "binary"},
+            "description": "One or more images",
+        },
+        **schema["properties"],
+    }
+    schema["required"] = ["files"]
+    schema["title"] = "PredictUpload"
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
+def _form_fields(form: Form) -> ModelFields:
+    """The text fields as `ModelFields`: 422 for an unknown name or an invalid value."""
+    unknown = sorted(set(form.fields) - set(ModelFields.model_fields))
+    if unknown:
+        raise InvalidRequest(
+            f"unknown form field(s) {', '.join(repr(name[:64]) for name in unknown[:5])}; "
+            f"known: files, {', '.join(ModelFields.model_fields)}"
         )
+    misplaced = [name for name, _, _ in form.files if name != "files"]
+    if misplaced:
+        raise InvalidRequest(f"upload images as parts named 'files', not {misplaced[0][:64]!r}")
+    if not form.files:
+        raise RequestValidationError([{"loc": ("body", "files"), "msg": "Field required", "type": "missing"}])
+    try:
+        return ModelFields.model_validate(form.fields)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**error, "loc": ("body", *error["loc"])} for error in exc.errors(include_url=False)]
+        ) from None
+
+
+def _batch_json(
+    served: ServedModel, threshold: float | None, names: list[str], outcomes: list[Ranked | ImageRejected]
+) -> bytes:
+    """The `BatchPredictResponse` JSON, built from plain values: a model per label would cost more than
+    the forward of a small image."""
+    results = []
+    for name, outcome in zip(names, outcomes, strict=True):
+        if isinstance(outcome, ImageRejected):
+            error = {"reason": outcome.reason, "message": outcome.detail}
+            results.append(
+                {"filename": name, "label": None, "abstained": False, "predictions": [], "error": error}
+            )
+            continue
+        top = outcome[0]
+        abstained = threshold is not None and top["probability"] < threshold
+        label = None if abstained else top["label"]
+        results.append(
+            {"filename": name, "label": label, "abstained": abstained, "predictions": outcome, "error": None}
+        )
+    body = {**_about(served), "min_probability": threshold, "results": results}
+    return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+@router.post(
+    "/predict",
+    response_model=BatchPredictResponse,
+    responses=_ERRORS,
+    status_code=HTTPStatus.OK,
+    openapi_extra=_upload_schema(),
+)
+async def predict_files(request: Request, principal: PrincipalDep) -> Response:
+    """Classify uploaded images with an adapted classifier or the zero-shot baseline.
+
+    The body is split by `api.inference.uploads` rather than FastAPI's form handling, and the
+    answer is written directly: for small images those were most of a request's cost.
+    """
+    predictor: Predictor = request.app.state.predictor
+    reader: ImageReader = request.app.state.image_reader
     with predictor.arriving() as arrival:
+        form = parse_form(
+            await request.body(),
+            request.headers.get("content-type"),
+            max_files=reader.settings.limits.max_files_per_request,
+        )
+        fields = _form_fields(form)
         served = await _served(predictor, reader, fields, principal)
-        limit = predictor.max_image_bytes
-        # Reading one byte past the limit is enough for decode_image to refuse the file as too large.
-        images = [
-            (upload.filename or f"file-{i}", await upload.read(limit + 1)) for i, upload in enumerate(files)
-        ]
-        outcomes = await _classify(predictor, served, images, fields.top_k, arrival)
+        names = [filename or f"file-{i}" for i, (_, filename, _) in enumerate(form.files)]
+        images = [(name, data) for name, (_, _, data) in zip(names, form.files, strict=True)]
+        del form
+        outcomes = await predictor.classify(served, images, fields.top_k, arrival)
     threshold = _threshold(fields, served)
-    results = [_file_result(name, o, threshold) for (name, _), o in zip(images, outcomes, strict=True)]
-    record_predictions(request, _source(fields), sum(result.error is None for result in results))
-    return BatchPredictResponse(**_about(served), min_probability=threshold, results=results)
+    used = sum(not isinstance(outcome, ImageRejected) for outcome in outcomes)
+    record_predictions(request, _source(fields), used)
+    return Response(_batch_json(served, threshold, names, outcomes), media_type="application/json")

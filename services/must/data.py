@@ -6,6 +6,7 @@ import io
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,21 +98,38 @@ def decode_image(
     size gives the same result to within rounding, and memory per image stays bounded by the
     image's own size once, not by every image of a request at full size at the same time.
     """
+    return load_image(open_image(data, max_bytes=max_bytes), max_pixels=max_pixels, min_side=min_side)
+
+
+def open_image(data: bytes, *, max_bytes: int = 50_000_000) -> Image.Image:
+    """An image read from untrusted bytes up to its header (size and format known, nothing decoded)."""
     if len(data) > max_bytes:
         raise ImageLoadError("too_large", f"{len(data)} bytes > {max_bytes}")
+    with _image_errors():
+        return Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+
+
+def load_image(img: Image.Image, *, max_pixels: int = 50_000_000, min_side: int | None = None) -> Image.Image:
+    """Decode an `open_image` into an RGB image (see `decode_image`), or raise ImageLoadError."""
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageLoadError("too_many_pixels", f"{width}x{height} > {max_pixels} pixels")
+    with _image_errors():
+        factor = _reduce_factor(img.size, min_side)
+        if factor > 1 and img.format == "JPEG":
+            img.draft("RGB", (width // factor, height // factor))
+        img.load()
+        return _reduced(img, _reduce_factor(img.size, min_side))
+
+
+@contextmanager
+def _image_errors() -> Iterator[None]:
+    """PIL's failures as ImageLoadError; a decompression bomb is refused before any decoding starts."""
     # PIL reports decompression bombs as a warning first; escalate it so no huge decode ever starts.
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-            width, height = img.size
-            if width * height > max_pixels:
-                raise ImageLoadError("too_many_pixels", f"{width}x{height} > {max_pixels} pixels")
-            factor = _reduce_factor(img.size, min_side)
-            if factor > 1 and img.format == "JPEG":
-                img.draft("RGB", (width // factor, height // factor))
-            img.load()
-            return _reduced(img, _reduce_factor(img.size, min_side))
+            yield
         except ImageLoadError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from api.inference.batching import Arrival, MicroBatcher
 from api.inference.main import default_max_batch
-from api.inference.predictor import Arrival, MicroBatcher, ServedModel
+from api.inference.predictor import ServedModel
 from bench.shapes import CLASS_NAMES
 from bench.tiny_clip import TINY_CLIP_SPEC
 from services.must.adapt import prepare
@@ -20,11 +22,12 @@ def _served() -> ServedModel:
     return ServedModel("tiny", classifier, {})
 
 
-def _batches(*, counted: bool) -> list[int]:
-    """Forward sizes when a second request reaches the batcher 50 ms after the first.
+def _batches(*, counted: bool, announced_after_s: float = 0.0) -> list[int]:
+    """Forward sizes when a second request reaches the batcher 100 ms after the first.
 
     With `counted`, the second request is counted from its route's entry (an `Arrival`), as if
-    it were still in its job lookup when the first one was queued.
+    it were still in its job lookup when the first one was queued; `announced_after_s` later
+    than the first request's queueing.
     """
     served, sizes = _served(), []
 
@@ -35,10 +38,14 @@ def _batches(*, counted: bool) -> list[int]:
     async def scenario() -> None:
         # A wait budget far longer than the test's delay keeps it independent of the machine.
         batcher = MicroBatcher(forward, max_batch=32, max_wait_s=2.0)
-        arrival = Arrival(batcher) if counted else None
+
+        # Announced before the first request is queued, or some time after.
+        early = Arrival(batcher) if counted and not announced_after_s else None
 
         async def late() -> torch.Tensor:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(announced_after_s)
+            arrival = early or (Arrival(batcher) if counted else None)
+            await asyncio.sleep(0.1 - announced_after_s)
             return await batcher.submit(served, torch.zeros(1, 3, 8, 8, dtype=torch.uint8), arrival)
 
         try:
@@ -57,6 +64,34 @@ def test_a_request_counted_from_its_arrival_joins_the_pending_batch() -> None:
 
 def test_a_lone_request_does_not_wait_for_one_nobody_announced() -> None:
     assert _batches(counted=False) == [1, 1]
+
+
+def test_a_batch_does_not_wait_for_requests_announced_after_it_began() -> None:
+    # Under steady load requests are always on their way: waiting for those would hold every batch.
+    assert _batches(counted=True, announced_after_s=0.05) == [1, 1]
+
+
+def test_a_failed_forward_fails_its_requests_and_the_batcher_goes_on() -> None:
+    served, calls = _served(), []
+
+    def forward(_: Any, pixels: torch.Tensor) -> torch.Tensor:
+        calls.append(len(pixels))
+        if len(calls) == 1:
+            raise RuntimeError("device lost")
+        return torch.ones(len(pixels), 2)
+
+    async def scenario() -> None:
+        batcher = MicroBatcher(forward)
+        try:
+            pixels = torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+            with pytest.raises(RuntimeError, match="device lost"):
+                await batcher.submit(served, pixels)
+            assert (await batcher.submit(served, pixels)).shape == (1, 2)
+        finally:
+            await batcher.close()
+
+    asyncio.run(scenario())
+    assert calls == [1, 1]
 
 
 def test_an_arrival_is_released_once() -> None:
