@@ -25,8 +25,10 @@ from api.common.limits import BodySizeLimit
 from api.common.logs import use_json_logs
 from api.inference import routes
 from api.inference.deps import ImageReader
+from api.inference.device import Precision
 from api.inference.errors import register_inference_errors
 from api.inference.predictor import ClassifierCache, Predictor
+from api.inference.threads import ThreadChooser
 from services.config import Settings, get_settings
 from services.db.session import make_engine, make_session_factory
 from services.storage.base import ObjectStore
@@ -49,6 +51,8 @@ class ServingOptions:
     max_batch: int | None = None
     max_wait_s: float = 0.005
     preprocess_workers: int = 2
+    # The forward's precision: "auto" is bf16 (fp16 without bf16) on a GPU and fp32 on a CPU.
+    precision: Precision = "auto"
     # How stale an adaptation's artifact version may be: the job row is read at most this often.
     artifact_recheck_s: float = 2.0
 
@@ -88,6 +92,10 @@ def _build_predictor(app: FastAPI, options: ServingOptions) -> Predictor:
         max_batch=options.max_batch or default_max_batch(device),
         max_wait_s=options.max_wait_s,
         preprocess_workers=options.preprocess_workers,
+        # On a CPU the forward shares the cores with decoding and the event loop: its thread
+        # count is chosen by timing (api/inference/threads.py). A GPU forward has no such choice.
+        threads=ThreadChooser() if torch.device(device).type == "cpu" else None,
+        precision=options.precision,
     )
 
 

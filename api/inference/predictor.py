@@ -29,6 +29,7 @@ from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.inference.batching import Arrival, MicroBatcher, Work, answer
+from api.inference.device import Precision, TensorDecoder, autocast, autocast_dtype
 from api.inference.errors import (
     AdaptationNotReady,
     ImageRejected,
@@ -92,9 +93,17 @@ class ServedModel:
     min_probability: float | None = None
     # Worked out once per loaded model, not per request.
     pixels: PixelSteps | None = field(init=False)
+    # On a GPU: decodes and resizes the JPEGs there (None: every image goes through PIL).
+    decoder: TensorDecoder | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.pixels = pixel_steps(self.classifier)
+        on_gpu = self.classifier.device.type == "cuda" and self.pixels is not None
+        self.decoder = (
+            TensorDecoder.for_preprocess(self.classifier.preprocess_cfg, self.classifier.device)
+            if on_gpu
+            else None
+        )
 
 
 def canonical_job_id(raw: str) -> str:
@@ -330,15 +339,23 @@ def _input_side(classifier: ImageClassifier) -> int:
     return int(size) if isinstance(size, int) else int(max(size))
 
 
-def run_forward(classifier: ImageClassifier, pixels: torch.Tensor) -> torch.Tensor:
+def run_forward(
+    classifier: ImageClassifier, pixels: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """One forward pass of 8-bit or normalised pixels: class probabilities [B, K] on the CPU.
 
-    The classifier is in eval mode from its load; `predict` would set it again on every call
-    (a walk over every module) and split the batch.
+    `dtype`: the autocast precision of the image tower (None: fp32); the head and the softmax
+    run in fp32 either way. The classifier is in eval mode from its load: `predict` would set
+    it again on every call (a walk over every module) and split the batch.
     """
+    device = classifier.device
     with torch.inference_mode():
-        pixels = normalize(pixels.to(classifier.device, non_blocking=True), classifier)
-        return classifier(pixels).float().softmax(-1).cpu()
+        pixels = normalize(pixels.to(device, non_blocking=True), classifier)
+        with autocast(device, dtype):
+            logits = classifier(pixels)
+        if dtype is torch.float16 and not bool(torch.isfinite(logits).all()):
+            logits = classifier(pixels)  # an activation overflowed fp16: this batch in fp32
+        return logits.float().softmax(-1).cpu()
 
 
 class Predictor:
@@ -360,8 +377,10 @@ class Predictor:
         max_wait_s: float = 0.005,
         preprocess_workers: int = 2,
         threads: ThreadChooser | None = None,
+        precision: Precision = "auto",
     ) -> None:
         self.cache = cache
+        self.precision = precision
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
         self.max_request_pixels = max_request_pixels
@@ -373,7 +392,7 @@ class Predictor:
 
     def forward(self, classifier: ImageClassifier, pixels: torch.Tensor) -> torch.Tensor:
         """One batched forward; an attribute of its own so it can be observed."""
-        return run_forward(classifier, pixels)
+        return run_forward(classifier, pixels, autocast_dtype(classifier.device, self.precision))
 
     @contextmanager
     def arriving(self) -> Iterator[Arrival]:
@@ -459,31 +478,84 @@ class Predictor:
             except ImageRejected as exc:
                 rejected[i] = exc
         pixels = self._check_pixel_budget([image.size for _, image in opened])
+        try:
+            on_device = self._decode_on_device(model, images, opened, rejected)
+            return self._decode_with_pil(model, images, opened, rejected, on_device), rejected
+        finally:
+            opened.clear()
+            if pixels >= TRIM_AFTER_PIXELS:
+                release_freed_memory()
+
+    def _decode_on_device(
+        self,
+        model: ServedModel,
+        images: Sequence[tuple[str, bytes]],
+        opened: list[tuple[int, Image.Image]],
+        rejected: list[ImageRejected | None],
+    ) -> tuple[list[int], torch.Tensor] | None:
+        """The JPEGs decoded by the model's device decoder (their indices and pixels), taken out of
+        `opened`; None, leaving them to PIL, without a decoder or when it fails on one of them."""
+        decoder = model.decoder
+        if decoder is None:
+            return None
+        chosen = [(i, image) for i, image in opened if image.format == "JPEG"]
+        for i, image in chosen:
+            width, height = image.size
+            if width * height > self.max_image_pixels:
+                error = ImageLoadError(
+                    "too_many_pixels", f"{width}x{height} > {self.max_image_pixels} pixels"
+                )
+                rejected[i] = ImageRejected(images[i][0], error.reason, public_reason(error))
+        chosen = [(i, image) for i, image in chosen if rejected[i] is None]
+        if not chosen:
+            return None
+        try:
+            pixels = decoder.decode([images[i][1] for i, _ in chosen])
+        except Exception as exc:  # nvJPEG refuses some JPEGs (e.g. CMYK, arithmetic coding): PIL can
+            log.info("device JPEG decoding failed (%s); decoding with PIL", exc)
+            return None
+        indices = {i for i, _ in chosen}
+        opened[:] = [(i, image) for i, image in opened if i not in indices and rejected[i] is None]
+        return [i for i, _ in chosen], pixels
+
+    def _decode_with_pil(
+        self,
+        model: ServedModel,
+        images: Sequence[tuple[str, bytes]],
+        opened: list[tuple[int, Image.Image]],
+        rejected: list[ImageRejected | None],
+        on_device: tuple[list[int], torch.Tensor] | None,
+    ) -> torch.Tensor | None:
+        """The remaining images decoded with PIL, joined in request order with those decoded on the device."""
         side, steps = _input_side(model.classifier), model.pixels
         floats: list[torch.Tensor] = []  # a preprocessing that cannot be split runs here whole
         prepared: list[np.ndarray] = []
-        try:
-            for i, image in opened:
-                name = images[i][0]
-                try:
-                    image = self._guarded(
-                        name, load_image, image, max_pixels=self.max_image_pixels, min_side=side
-                    )
-                except ImageRejected as exc:
-                    rejected[i] = exc
-                    continue
-                if steps is None:
-                    floats.append(model.classifier.preprocess([image]))
-                else:
-                    prepared.append(prepare(steps, image))
-                del image
-            opened.clear()
-            if prepared:
-                return stack(prepared), rejected
-            return (torch.cat(floats) if floats else None), rejected
-        finally:
-            if pixels >= TRIM_AFTER_PIXELS:
-                release_freed_memory()
+        order: list[int] = []
+        for i, image in opened:
+            try:
+                loaded = self._guarded(
+                    images[i][0], load_image, image, max_pixels=self.max_image_pixels, min_side=side
+                )
+            except ImageRejected as exc:
+                rejected[i] = exc
+                continue
+            if steps is None:
+                floats.append(model.classifier.preprocess([loaded]))
+            else:
+                prepared.append(prepare(steps, loaded))
+            order.append(i)
+            del loaded
+        pixels = stack(prepared) if prepared else torch.cat(floats) if floats else None
+        if on_device is None:
+            return pixels
+        indices, device_pixels = on_device
+        if pixels is None:
+            return device_pixels
+        # Both parts as normalised floats on the device, back in the request's order.
+        pixels = normalize(pixels.to(device_pixels.device), model.classifier)
+        joined = torch.cat([device_pixels, pixels])
+        position = {index: row for row, index in enumerate(indices + order)}
+        return joined[[position[i] for i in sorted(position)]]
 
     @staticmethod
     def _guarded(name: str, step: Callable[..., Image.Image], *args: Any, **kwargs: Any) -> Image.Image:
