@@ -114,7 +114,24 @@ HeaderKey = Annotated[str | None, Security(_key_header)]
 
 
 async def require_api_key(request: Request, bearer: BearerCredentials, header_key: HeaderKey) -> Principal:
-    """Route dependency: the request's principal; 401 without a valid key (auth off: embedded admin).
+    """Route dependency: the request's principal; 401 without a valid key (auth off: embedded admin)."""
+    return await principal_of(request, bearer.credentials if bearer else None, header_key)
+
+
+async def authenticate(request: Request) -> Principal:
+    """The request's principal read from its headers as the security schemes above read them.
+
+    For an endpoint that runs outside FastAPI's dependency handling (POST /predict's fast path).
+    """
+    bearer = None
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials:
+        bearer = credentials
+    return await principal_of(request, bearer, request.headers.get(API_KEY_HEADER) or None)
+
+
+async def principal_of(request: Request, bearer: str | None, header_key: str | None) -> Principal:
+    """The principal of a bearer token or X-API-Key; 401 without a valid key (auth off: embedded admin).
 
     Runs on the event loop: only a stored key that is not remembered costs a database lookup,
     in a thread (a sync dependency would take a thread hop on every request).
@@ -122,7 +139,7 @@ async def require_api_key(request: Request, bearer: BearerCredentials, header_ke
     settings: Settings = request.app.state.settings
     if not auth_required(settings):
         return EMBEDDED_PRINCIPAL
-    key = (bearer.credentials.strip() if bearer else None) or header_key
+    key = (bearer.strip() if bearer else None) or header_key
     if not key:
         raise Unauthorized(f"this service requires an API key: {HOW_TO_SEND}")
     principal = None

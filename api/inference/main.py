@@ -145,4 +145,5 @@ def create_app(
     app.include_router(health.router)
     app.include_router(metrics.router, dependencies=[API_KEY], responses=error_responses(*SECURED_ERRORS))
     app.include_router(routes.router, dependencies=[API_KEY], responses=error_responses(*SECURED_ERRORS))
+    app.router.routes.insert(0, routes.FAST_PREDICT)
     return app
