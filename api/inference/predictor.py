@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.inference.errors import AdaptationNotReady, ImageRejected, WeightsNotAvailable, public_reason
 from api.inference.memory import release_freed_memory
-from api.inference.pixels import PixelSteps, normalize, pixel_steps, to_uint8
+from api.inference.pixel_split import PixelSteps, normalize, pixel_steps, to_uint8
 from services.db.models import Job
 from services.errors import ArtifactMissing, InvalidRequest, JobNotFound, RequestTooLarge
 from services.jobs import repository
