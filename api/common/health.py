@@ -15,9 +15,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Literal
 
-import redis
 from fastapi import APIRouter, Request, Response
-from kombu.connection import Connection
 from pydantic import BaseModel
 from sqlalchemy import Engine, text
 
@@ -63,9 +61,15 @@ def check_database(engine: Engine) -> None:
 
 
 def check_broker(url: str, *, transport_options: Mapping[str, Any], timeout: float) -> None:
-    """Ping Redis, look for the filesystem broker's folders, or let kombu connect to anything else."""
+    """Ping Redis, look for the filesystem broker's folders, or let kombu connect to anything else.
+
+    The clients are imported here: only the control API checks the broker, and the inference
+    service, which shares this module, should not load them.
+    """
     scheme = url.partition("://")[0].lower()
     if scheme in {"redis", "rediss"}:
+        import redis
+
         client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
         try:
             client.ping()
@@ -76,6 +80,8 @@ def check_broker(url: str, *, transport_options: Mapping[str, Any], timeout: flo
         if not folder.is_dir():
             raise ServiceUnavailable(f"the filesystem broker's folder {str(folder)!r} does not exist")
     else:
+        from kombu.connection import Connection
+
         with Connection(url, connect_timeout=timeout, transport_options=dict(transport_options)) as conn:
             conn.ensure_connection(max_retries=1)
 

@@ -27,6 +27,7 @@ from api.inference import routes
 from api.inference.deps import ImageReader
 from api.inference.device import Precision
 from api.inference.errors import register_inference_errors
+from api.inference.memory import release_cuda_library_pages
 from api.inference.predictor import ClassifierCache, Predictor
 from api.inference.threads import ThreadChooser
 from services.config import Settings, get_settings
@@ -104,6 +105,8 @@ def _lifespan(options: ServingOptions) -> Callable[[FastAPI], AbstractAsyncConte
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         """Build the predictor once; stop its threads and close the database pool at shutdown."""
         app.state.predictor = _build_predictor(app, options)
+        # On a host without a GPU, the pages torch's CUDA libraries left resident (about 190 MB).
+        release_cuda_library_pages()
         yield
         await app.state.predictor.close()
         engine: Engine = app.state.engine

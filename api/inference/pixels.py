@@ -5,19 +5,26 @@ over 8-bit pixels. Turning them into normalised floats is one batched tensor ope
 where the forward runs. So no torch operation runs outside the forward thread: torch's
 intra-op threads then never compete with a second team of their own, which on a small CPU
 costs far more than the work itself, and queued batches take a quarter of the memory.
+
+The split is the one `EvalTransform` exposes (`to_image`, then the `ToTensor` + `Normalize`
+arithmetic), so serving needs no torchvision. A classifier whose transform is open_clip's
+torchvision pipeline (a resize mode EvalTransform does not cover) is split at that pipeline's
+`ToTensor`, `Normalize` tail; torchvision is loaded already when such a transform exists.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import transforms as T
 
 from services.must.inference import ImageClassifier
+from services.must.preprocess import EvalTransform
 
 
 @dataclass(frozen=True)
@@ -30,9 +37,21 @@ class PixelSteps:
 
 
 def pixel_steps(classifier: ImageClassifier) -> PixelSteps | None:
-    """The split of `classifier.transform`, or None when it does not end in ToTensor, Normalize."""
-    steps = list(getattr(classifier.transform, "transforms", ()))
-    if len(steps) < 2 or not isinstance(steps[-2], T.ToTensor) or not isinstance(steps[-1], T.Normalize):
+    """The split of `classifier.transform`, or None when it has none."""
+    transform = classifier.transform
+    if isinstance(transform, EvalTransform):
+        return PixelSteps(transform.to_image, transform.mean, transform.std)
+    return _torchvision_steps(transform)
+
+
+def _torchvision_steps(transform: Any) -> PixelSteps | None:
+    """The split of a torchvision Compose that ends in ToTensor, Normalize."""
+    steps = list(getattr(transform, "transforms", ()))
+    if len(steps) < 2 or "torchvision" not in sys.modules:
+        return None
+    from torchvision import transforms as T
+
+    if not isinstance(steps[-2], T.ToTensor) or not isinstance(steps[-1], T.Normalize):
         return None
     normalize: T.Normalize = steps[-1]
     return PixelSteps(T.Compose(steps[:-2]), tuple(normalize.mean), tuple(normalize.std))

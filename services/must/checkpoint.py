@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,7 +29,9 @@ from services.must.state_io import (
     scheduler_state_to_json,
     unflatten_optimizer_state,
 )
-from services.must.task import MustTask
+
+if TYPE_CHECKING:  # for annotations only: the task brings the training modules
+    from services.must.task import MustTask
 
 FORMAT_VERSION = 1
 LATEST = "latest.json"

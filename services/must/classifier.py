@@ -1,21 +1,41 @@
-"""The zero-shot classifier head built once from class names and prompt templates."""
+"""The zero-shot classifier head built once from class names and prompt templates.
+
+open_clip is imported on first use (the default templates, a head), not with this module: the
+inference service validates class names with it and should not pay for open_clip until a
+zero-shot request arrives.
+"""
 
 from __future__ import annotations
 
 import string
 from collections.abc import Mapping, Sequence
+from functools import cache
 from typing import Any
 
-import open_clip
 import torch
-from open_clip.zero_shot_metadata import SIMPLE_IMAGENET_TEMPLATES
 
 from services.must.errors import ConfigError
 
-# The seven-prompt subset CLIP's authors selected from their 80 ImageNet prompts; it beats the
-# single "a photo of a {}." prompt on most data sets and costs a tenth of the full ensemble.
-DEFAULT_TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in SIMPLE_IMAGENET_TEMPLATES)
 MAX_CLASSES = 10_000
+
+
+@cache
+def default_templates() -> tuple[str, ...]:
+    """The seven-prompt subset CLIP's authors selected from their 80 ImageNet prompts.
+
+    It beats the single "a photo of a {}." prompt on most data sets and costs a tenth of the
+    full ensemble.
+    """
+    from open_clip.zero_shot_metadata import SIMPLE_IMAGENET_TEMPLATES
+
+    return tuple(t("{}") for t in SIMPLE_IMAGENET_TEMPLATES)
+
+
+def __getattr__(name: str) -> Any:
+    """`DEFAULT_TEMPLATES`, read from open_clip when first asked for (PEP 562)."""
+    if name == "DEFAULT_TEMPLATES":
+        return default_templates()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def validate_class_names(class_names: Sequence[str]) -> list[str]:
@@ -37,7 +57,7 @@ def validate_class_names(class_names: Sequence[str]) -> list[str]:
 def validate_templates(templates: Sequence[str] | None) -> list[str]:
     """User templates (each with exactly one `{}`), or the default ensemble."""
     if templates is None:
-        return list(DEFAULT_TEMPLATES)
+        return list(default_templates())
     out = [str(t) for t in templates]
     if not out:
         raise ConfigError("templates must not be empty; omit them to use the default ensemble")
@@ -90,6 +110,8 @@ def build_text_head(
     classes_per_batch: int = 64,
 ) -> torch.Tensor:
     """[embed_dim, num_classes] head: per class, the renormalised mean of its normalised prompt embeddings."""
+    import open_clip
+
     head = open_clip.build_zero_shot_classifier(
         model,
         tokenizer,

@@ -2,7 +2,9 @@
 
 The manifest carries everything needed to rebuild the classifier offline: the full open_clip
 model config (only its vision part is instantiated), class names, templates, preprocessing,
-the logit scale, metrics, the source model and the sha256 of the weights file.
+the logit scale, metrics, the source model and the sha256 of the weights file. Loading one needs
+no open_clip: the image tower is `vision.VisionTower`, which takes open_clip's state dict as it
+is, and only a tower it does not cover is built by open_clip.
 """
 
 from __future__ import annotations
@@ -14,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from open_clip.model import _build_vision_tower
-from open_clip.transform import PreprocessCfg
 from safetensors.torch import load_file
+from torch import nn
 
+from services.must import vision
 from services.must.checkpoint import sha256_file, write_json_atomic
 from services.must.errors import CheckpointError
 from services.must.inference import ImageClassifier
-from services.must.loading import preprocess_to_dict
+from services.must.preprocess import preprocess_to_dict
 from services.must.state_io import save_tensors
 
 MANIFEST = "manifest.json"
@@ -116,25 +118,28 @@ def load_classifier(
         raise CheckpointError(f"{model_dir} has a manifest but no {WEIGHTS}")
     if verify and sha256_file(weights) != manifest.weights_sha256:
         raise CheckpointError(f"{weights} does not match the sha256 recorded in its manifest")
-    cfg = manifest.model_cfg
-    # Built on the meta device and then handed the loaded tensors (assign=True): a randomly
-    # initialised copy would double the peak memory of a load (about 350 MB more for ViT-B-32).
+    tensors = load_file(str(weights))
+    visual_state = {k[len("visual.") :]: v for k, v in tensors.items() if k.startswith("visual.")}
+    try:
+        visual = _load_visual(manifest.model_cfg, visual_state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{weights} does not match the manifest's model config: {exc}") from exc
+    classifier = ImageClassifier(
+        visual, tensors["head"], manifest.logit_scale, manifest.class_names, manifest.preprocess
+    )
+    return classifier.to(device).eval()
+
+
+def _load_visual(cfg: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
+    """The image tower of `cfg` holding `state`, built on the meta device and handed the tensors
+    (a randomly initialised copy would double the peak memory of a load: 350 MB for ViT-B-32)."""
+    if vision.supports(cfg):
+        return vision.load_vision_tower(cfg, state)
+    from open_clip.model import _build_vision_tower
+
     with torch.device("meta"):
         visual = _build_vision_tower(
             cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=cfg.get("quick_gelu", False)
         )
-    tensors = load_file(str(weights))
-    try:
-        visual.load_state_dict(
-            {k[len("visual.") :]: v for k, v in tensors.items() if k.startswith("visual.")}, assign=True
-        )
-    except RuntimeError as exc:
-        raise CheckpointError(f"{weights} does not match the manifest's model config: {exc}") from exc
-    size = manifest.preprocess["size"]
-    preprocess = PreprocessCfg(
-        **{**manifest.preprocess, "size": tuple(size) if isinstance(size, list) else size}
-    )
-    classifier = ImageClassifier(
-        visual, tensors["head"], manifest.logit_scale, manifest.class_names, preprocess
-    )
-    return classifier.to(device).eval()
+    visual.load_state_dict(state, assign=True)
+    return visual

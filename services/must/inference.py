@@ -1,46 +1,56 @@
-"""ImageClassifier: an image tower plus a class head; what is exported, served and evaluated."""
+"""ImageClassifier: an image tower plus a class head; what is exported, served and evaluated.
+
+Loading and serving one needs neither open_clip nor torchvision: the tower is any module (open_clip's
+VisionTransformer in training, `vision.VisionTower` when loaded from an export) and the
+preprocessing is `preprocess.eval_transform`. Only `zero_shot`, which builds a head with a text
+tower, uses open_clip.
+"""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from open_clip.transform import PreprocessCfg
-from open_clip.transformer import VisionTransformer
 from PIL import Image
 from torch import nn
 
 from services.must.classifier import build_text_head, described_names, release_text_tower
-from services.must.loading import LoadedClip
-from services.must.network import MustNetwork
-from services.must.transforms import eval_transform
+from services.must.preprocess import PreprocessConfig, eval_transform
+
+if TYPE_CHECKING:
+    from services.must.loading import LoadedClip
+    from services.must.network import MustNetwork
 
 
 class ImageClassifier(nn.Module):
-    """logits = scale * normalize(visual(x)) @ head; no text tower needed at inference."""
+    """logits = scale * normalize(visual(x)) @ head; no text tower needed at inference.
+
+    `preprocess` is a PreprocessConfig, open_clip's PreprocessCfg or a manifest's dict; it is kept
+    as a PreprocessConfig.
+    """
 
     def __init__(
         self,
-        visual: VisionTransformer,
+        visual: nn.Module,
         head: torch.Tensor,
         logit_scale: float,
         class_names: Sequence[str],
-        preprocess: PreprocessCfg,
+        preprocess: Any,
     ) -> None:
         super().__init__()
         self.visual = visual
         self.register_buffer("head", head.detach().clone().float())
         self.logit_scale = float(logit_scale)
         self.class_names = list(class_names)
-        self.preprocess_cfg = preprocess
-        self.transform = eval_transform(preprocess)
+        self.preprocess_cfg = PreprocessConfig.of(preprocess)
+        self.transform = eval_transform(self.preprocess_cfg)
 
     @classmethod
     def from_network(
-        cls, network: MustNetwork, class_names: Sequence[str], preprocess: PreprocessCfg
+        cls, network: MustNetwork, class_names: Sequence[str], preprocess: Any
     ) -> ImageClassifier:
         """The classifier part of a trained MustNetwork (the MIM modules are left behind)."""
         visual = copy.deepcopy(network.visual).eval()

@@ -1,4 +1,10 @@
-"""Build an open_clip CLIP ViT from an architecture name, a local checkpoint or a custom config."""
+"""Build an open_clip CLIP ViT from an architecture name, a local checkpoint or a custom config.
+
+open_clip is imported by the functions that need it, not with this module: importing it brings
+timm, torchvision and huggingface_hub (hundreds of MB), which a process that only serves exported
+classifiers never needs, although it names models with `ModelSpec` and may build a zero-shot
+baseline later.
+"""
 
 from __future__ import annotations
 
@@ -7,51 +13,36 @@ import logging
 import os
 import threading
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import open_clip
 import torch
-from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
-from open_clip.model import CLIP, CustomTextCLIP, set_model_preprocess_cfg
-from open_clip.tokenizer import SimpleTokenizer
-from open_clip.transform import PreprocessCfg, merge_preprocess_dict
-from open_clip.transformer import VisionTransformer
 
 from services.must.errors import ModelLoadError, WeightsUnavailable
+from services.must.preprocess import preprocess_to_dict
+from services.must.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from open_clip.model import CLIP, CustomTextCLIP
+    from open_clip.transform import PreprocessCfg
+    from open_clip.transformer import VisionTransformer
+
+__all__ = [
+    "LoadedClip",
+    "ModelSpec",
+    "load_clip",
+    "make_tokenizer",
+    "preprocess_to_dict",
+    "pretrained_file",
+    "resolve_model_config",
+    "upload_hint",
+]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Which CLIP to start from.
-
-    - `arch` alone with `pretrained`: an open_clip architecture and pretrained tag (the tag's
-      weights come from open_clip's cache or hub).
-    - `arch` with `checkpoint`: an open_clip architecture and a local weights file.
-    - `config` with `checkpoint`: a custom open_clip model config (a JSON file path or a dict).
-    - `arch` alone: random weights, only meant for benchmarks.
-
-    `arch` must be one of open_clip's built-in architectures and `pretrained` one of its tags for
-    that architecture (never a path or an `hf-hub:` name). A tag's weights come from the local
-    Hugging Face cache; only with `allow_download` are they fetched from the hub, and a fetch that
-    makes no progress for `download_timeout` seconds fails.
-    """
-
-    arch: str | None = None
-    pretrained: str | None = None
-    checkpoint: str | None = None
-    config: str | dict[str, Any] | None = field(default=None, hash=False)
-    allow_download: bool = True
-    download_timeout: float = 60.0
-
-    def describe(self) -> str:
-        """A short human-readable name for logs and manifests."""
-        name = self.arch or (self.config if isinstance(self.config, str) else "custom-config")
-        source = self.pretrained or self.checkpoint or "random-init"
-        return f"{name} ({source})"
+# open_clip's names for a hub repository's weights (open_clip.constants).
+HF_WEIGHTS_NAME = "open_clip_pytorch_model.bin"
+HF_SAFE_WEIGHTS_NAME = "open_clip_model.safetensors"
 
 
 @dataclass
@@ -98,6 +89,8 @@ def _read_config(config: str | dict[str, Any]) -> dict[str, Any]:
 
 def resolve_model_config(spec: ModelSpec) -> dict[str, Any]:
     """The full open_clip model config for a spec, without building the model."""
+    import open_clip
+
     if spec.config is not None:
         return _read_config(spec.config)
     if not spec.arch:
@@ -118,6 +111,8 @@ def resolve_model_config(spec: ModelSpec) -> dict[str, Any]:
 
 
 def _is_usable_vit(arch: str) -> bool:
+    import open_clip
+
     try:
         _check_vit(open_clip.get_model_config(arch) or {}, arch)
     except ModelLoadError:
@@ -136,6 +131,8 @@ def _check_vit(cfg: dict[str, Any], name: str) -> None:
 
 
 def _instantiate(cfg: dict[str, Any]) -> CLIP | CustomTextCLIP:
+    from open_clip.model import CLIP, CustomTextCLIP
+
     kwargs = {k: v for k, v in cfg.items() if k not in ("custom_text", "preprocess_cfg")}
     cls = CustomTextCLIP if cfg.get("custom_text") else CLIP
     try:
@@ -147,6 +144,8 @@ def _instantiate(cfg: dict[str, Any]) -> CLIP | CustomTextCLIP:
 def _load_weights(model: torch.nn.Module, checkpoint: str, name: str) -> None:
     if not Path(checkpoint).is_file():
         raise ModelLoadError(f"checkpoint file {checkpoint!r} does not exist")
+    import open_clip
+
     try:
         open_clip.load_checkpoint(model, checkpoint, strict=True, weights_only=True)
     except (RuntimeError, KeyError, ValueError) as exc:
@@ -157,6 +156,10 @@ def _load_weights(model: torch.nn.Module, checkpoint: str, name: str) -> None:
 
 
 def _build_from_arch(spec: ModelSpec, cfg: dict[str, Any]) -> CLIP | CustomTextCLIP:
+    import open_clip
+    from open_clip.model import set_model_preprocess_cfg
+    from open_clip.transform import merge_preprocess_dict
+
     assert spec.arch is not None
     quick_gelu = bool(cfg.get("quick_gelu"))
     checkpoint = spec.checkpoint
@@ -205,6 +208,8 @@ def _hub_download(repo_id: str, names: list[str], *, local_only: bool, timeout: 
 
 def pretrained_file(spec: ModelSpec) -> str:
     """The local weights file of an open_clip pretrained tag: cached, or downloaded when allowed."""
+    import open_clip
+
     assert spec.arch is not None
     assert spec.pretrained is not None
     tag_cfg = open_clip.get_pretrained_cfg(spec.arch, spec.pretrained)
@@ -262,6 +267,9 @@ def upload_hint(spec: ModelSpec) -> str:
 
 def make_tokenizer(cfg: dict[str, Any], arch: str | None) -> Any:
     """open_clip's tokenizer for a built-in architecture, else CLIP's BPE at the config's context length."""
+    import open_clip
+    from open_clip.tokenizer import SimpleTokenizer
+
     if arch and open_clip.get_model_config(arch) is not None:
         return open_clip.get_tokenizer(arch)
     return SimpleTokenizer(context_length=cfg["text_cfg"].get("context_length", 77))
@@ -269,6 +277,10 @@ def make_tokenizer(cfg: dict[str, Any], arch: str | None) -> Any:
 
 def load_clip(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedClip:
     """Build the CLIP a spec names, in fp32 and eval mode, on `device`."""
+    from open_clip.model import set_model_preprocess_cfg
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+    from open_clip.transformer import VisionTransformer
+
     cfg = resolve_model_config(spec)
     name = spec.describe()
     _check_vit(cfg, name)
@@ -289,8 +301,3 @@ def load_clip(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedClip
     set_model_preprocess_cfg(model, preprocess)
     model = model.to(device=device, dtype=torch.float32).eval()
     return LoadedClip(model, make_tokenizer(cfg, spec.arch), PreprocessCfg(**preprocess), cfg)
-
-
-def preprocess_to_dict(cfg: PreprocessCfg) -> dict[str, Any]:
-    """A JSON-friendly copy of a preprocessing config (tuples become lists)."""
-    return json.loads(json.dumps(asdict(cfg)))

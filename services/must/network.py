@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import VisionTransformer
 from torch import nn
+
+if TYPE_CHECKING:
+    from open_clip.transformer import VisionTransformer
 
 
 class MustNetwork(nn.Module):

@@ -8,11 +8,13 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-from open_clip.transform import PreprocessCfg, image_transform_v2
+from open_clip.transform import PreprocessCfg
 from PIL import Image
 from timm.data import rand_augment_transform
 from timm.data.auto_augment import _RAND_INCREASING_TRANSFORMS
 from torchvision import transforms as T
+
+from services.must import preprocess
 
 # timm's increasing-severity RandAugment ops without PosterizeIncreasing: at magnitudes near 10
 # (reached through the magnitude noise) it asks for 0 bits, which Pillow >= 11 rejects.
@@ -33,8 +35,11 @@ def _size(cfg: PreprocessCfg) -> int:
 
 
 def eval_transform(cfg: PreprocessCfg) -> Callable[[Image.Image], torch.Tensor]:
-    """open_clip's own inference preprocessing (resize, centre crop, normalise)."""
-    return image_transform_v2(cfg, is_train=False)
+    """open_clip's own inference preprocessing (resize, centre crop, normalise), bit for bit.
+
+    The same transform an exported classifier is served with (see `preprocess.eval_transform`).
+    """
+    return preprocess.eval_transform(cfg)
 
 
 def weak_transform(cfg: PreprocessCfg) -> Callable[[Image.Image], torch.Tensor]:

@@ -7,11 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from open_clip.transformer import VisionTransformer
+from safetensors.torch import load_file
 
 from bench.shapes import iter_domain
+from services.must import vision
 from services.must.adapt import prepare
 from services.must.errors import CheckpointError
 from services.must.export import MANIFEST, WEIGHTS, export_classifier, load_classifier
+from services.must.preprocess import EvalTransform
+from services.must.vision import VisionTower
 from tests.services.must.test_trainer import CLASSES
 
 
@@ -39,6 +44,48 @@ def test_round_trip_gives_identical_predictions(exported) -> None:
     torch.testing.assert_close(loaded.predict(images), classifier.predict(images), rtol=0, atol=1e-6)
     assert loaded.class_names == CLASSES
     assert loaded.predict(images).sum(1).allclose(torch.ones(12))
+
+
+def test_the_loaded_tower_is_the_plain_one_and_gives_the_trained_towers_features(exported) -> None:
+    classifier, folder = exported
+    pixels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    loaded = load_classifier(folder)
+
+    assert isinstance(loaded.visual, VisionTower)
+    assert isinstance(loaded.transform, EvalTransform)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.visual(pixels), classifier.visual(pixels), rtol=0, atol=1e-5)
+
+
+def test_a_loaded_classifier_exports_the_same_tensors_again(exported, tmp_path: Path) -> None:
+    classifier, folder = exported
+    loaded = load_classifier(folder)
+    manifest = json.loads((folder / MANIFEST).read_text())
+
+    export_classifier(
+        loaded,
+        tmp_path / "again",
+        model_cfg=manifest["model_cfg"],
+        templates=manifest["templates"],
+        source_model=manifest["source_model"],
+    )
+
+    first, again = load_file(str(folder / WEIGHTS)), load_file(str(tmp_path / "again" / WEIGHTS))
+    assert first.keys() == again.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert json.loads((tmp_path / "again" / MANIFEST).read_text())["preprocess"] == manifest["preprocess"]
+
+
+def test_a_tower_the_plain_one_does_not_cover_is_built_by_open_clip(exported, monkeypatch) -> None:
+    classifier, folder = exported
+    monkeypatch.setattr(vision, "supports", lambda cfg: False)
+    images = [im for im, _ in iter_domain("target", 4, seed=9)]
+
+    loaded = load_classifier(folder)
+
+    assert isinstance(loaded.visual, VisionTransformer)
+    torch.testing.assert_close(loaded.predict(images), classifier.predict(images), rtol=0, atol=1e-6)
 
 
 def test_manifest_describes_the_classifier(exported) -> None:

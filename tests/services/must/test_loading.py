@@ -335,3 +335,19 @@ def test_a_path_as_pretrained_tag_is_not_opened(tmp_path: Path, tiny_checkpoint:
 def test_unknown_pretrained_tag() -> None:
     with pytest.raises(ModelLoadError, match="known tags: .*laion2b_s34b_b79k"):
         load_clip(ModelSpec(arch="ViT-B-32", pretrained="no-such-tag"))
+
+
+# --- open_clip imported on demand -------------------------------------------------------------
+
+
+def test_hub_weight_file_names_are_open_clips() -> None:
+    from open_clip import constants
+
+    assert loading.HF_WEIGHTS_NAME == constants.HF_WEIGHTS_NAME
+    assert loading.HF_SAFE_WEIGHTS_NAME == constants.HF_SAFE_WEIGHTS_NAME
+
+
+def test_model_spec_is_the_one_of_the_open_clip_free_module() -> None:
+    from services.must import spec
+
+    assert ModelSpec is spec.ModelSpec
