@@ -1,19 +1,20 @@
 """The inference service against the bare model it serves, measured in one run on one machine.
 
-    .venv/bin/python -m bench.inference [--models tiny,vit-b-32] [--rounds 2]
+    .venv/bin/python -m bench.inference [--models tiny,vit-b-32] [--rounds 2] [--workers 1]
 
 For each model an adapted artifact is exported (the tiny CLIP, and open_clip's `ViT-B-32` with
 random weights and a zero-shot head from its random text tower), recorded as a succeeded
 adaptation in a SQLite job database and a local artifacts store, and served by the inference
-service under uvicorn in a subprocess. Clients on loopback keep 1, 8 and 32 `POST /predict`
-requests of one JPEG each in flight. Between those runs the bench process runs the same
-classifier on the same images, preprocessed the way the service does it: a batched forward in
-a tight loop and a single-image forward. Measurements alternate over `--rounds` and each side
-keeps its best round, since other load on a shared machine only ever slows a run down.
+service under uvicorn in a subprocess (`--workers` processes; uvicorn's default is one).
+Clients on loopback keep 1, 8 and 32 `POST /predict` requests of one JPEG each in flight.
+Between those runs the bench process runs the same classifier on the same images,
+preprocessed the way the service does it: a batched forward in a tight loop and a
+single-image forward. Measurements alternate over `--rounds` and each side keeps its best
+round, since other load on a shared machine only ever slows a run down.
 
 Prints a table and, as its last line, one JSON object with, per model, `throughput_ratio_32`
 (service images/s at 32 in flight / raw batched images/s) and `latency_ratio_1` (service p50 at
-1 in flight / raw single-image forward), and the service's peak RSS.
+1 in flight / raw single-image forward), and the peak RSS of the service's largest process.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 
 import torch
 
-from bench.loopback import free_port, peak_rss_mb, running
+from bench.loopback import children, free_port, peak_rss_mb, running
 from bench.shapes import CLASS_NAMES, sample
 from bench.tiny_clip import TINY_CLIP_SPEC
 from services.db.migrate import upgrade
@@ -293,7 +294,7 @@ def summarize(rounds: list[Round], rss_mb: float) -> dict[str, Any]:
 
 
 def bench_model(
-    name: str, case: Case, rounds: int, root: Path, service_env: dict[str, str]
+    name: str, case: Case, rounds: int, root: Path, service_env: dict[str, str], workers: int = 1
 ) -> dict[str, Any]:
     """Export, serve and measure one model."""
     print(f"[{name}] exporting the artifact", file=sys.stderr)
@@ -306,16 +307,18 @@ def bench_model(
     requests = [predict_request(job_id, data) for data in jpegs]
     port = free_port()
     args = [sys.executable, "-m", "uvicorn", "api.inference.main:create_app", "--factory"]
-    # One worker process (uvicorn's default) and no access log, as a CPU deployment would run it.
+    # No access log, as a deployment would run it; one worker process unless asked for more.
     args += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log"]
+    args += ["--workers", str(workers)]
     results = []
     with running(args, f"http://127.0.0.1:{port}/healthz", env, root / "uvicorn.log") as server:
         for i in range(rounds):
             print(f"[{name}] round {i + 1}/{rounds}", file=sys.stderr)
             results.append(run_round(case, classifier, pixels, port, requests))
             print_round(name, i + 1, results[-1])
-        rss = peak_rss_mb(server.pid)
-    return summarize(results, rss)
+        # With several workers, uvicorn's own process only supervises them.
+        rss = max(peak_rss_mb(pid) for pid in [server.pid, *children(server.pid)])
+    return {**summarize(results, rss), "workers": workers}
 
 
 def print_round(name: str, index: int, result: Round) -> None:
@@ -356,6 +359,9 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument(
+        "--workers", type=int, default=1, help="uvicorn worker processes of the service (default 1)"
+    )
+    parser.add_argument(
         "--service-env",
         action="append",
         default=[],
@@ -372,7 +378,7 @@ def main() -> None:
     results = {}
     for name in names:
         with tempfile.TemporaryDirectory(prefix=f"must-bench-inference-{name}-") as tmp:
-            results[name] = bench_model(name, CASES[name], args.rounds, Path(tmp), service_env)
+            results[name] = bench_model(name, CASES[name], args.rounds, Path(tmp), service_env, args.workers)
     print_summary(results)
     summary: dict[str, Any] = {
         **{name: results[name] for name in names},

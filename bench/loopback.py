@@ -71,6 +71,20 @@ def peak_rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
 
 
+def children(pid: int) -> list[int]:
+    """The process's direct children (e.g. uvicorn's worker processes), from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
 class RedisServer:
     """A private redis-server on a loopback port, without persistence, that can be restarted.
 

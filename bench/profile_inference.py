@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--model", default="tiny", choices=sorted(CASES))
     parser.add_argument("--in-flight", type=int, default=32)
     parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--top", type=int, default=25, help="event-loop functions to list")
+    parser.add_argument("--top", type=int, default=25, help="event-loop functions to list (0: no profile)")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="must-profile-inference-"))
@@ -167,14 +167,21 @@ def main() -> None:
     threading.Thread(target=stop_when_done, daemon=True).start()
     profile = cProfile.Profile()
     loop_cpu = time.thread_time()
-    profile.enable()
+    if args.top:
+        profile.enable()
     server.run()
     profile.disable()
     loop_cpu = time.thread_time() - loop_cpu
     level = json.loads(client.stdout.read() if client.stdout else "{}")
 
+    report(args, marks, level, profile, loop_cpu)
+
+
+def report(
+    args: argparse.Namespace, marks: Marks, level: dict[str, Any], profile: cProfile.Profile, loop_cpu: float
+) -> None:
+    """Print the stages, the forwards, CPU per request by thread and the event loop's profile."""
     served = len(marks.stamps["asgi_out"])
-    stats = pstats.Stats(profile)
     print(f"{args.model}, {args.in_flight} in flight, {served} requests: {json.dumps(level)}")
     if args.in_flight == 1:
         print("\nstage medians (ms):")
@@ -187,10 +194,17 @@ def main() -> None:
         f"\nforwards: {len(starts)}, mean batch {served / max(1, len(starts)):.1f} images, "
         f"forward thread busy {100 * busy / wall:.0f}% of the run"
     )
-    print("\nCPU per request (ms; the event loop's includes cProfile's own cost):")
+    print(
+        "\nCPU per request (ms):"
+        if not args.top
+        else "\nCPU per request (ms; the event loop's includes cProfile's own cost):"
+    )
     print(f"  event loop thread   {loop_cpu / served * 1e3:8.3f}")
     print(f"  decoding threads    {marks.cpu.get('_preprocess', 0.0) / served * 1e3:8.3f}")
     print(f"  forward thread      {marks.cpu.get('forward', 0.0) / served * 1e3:8.3f}")
+    if not args.top:
+        return
+    stats = pstats.Stats(profile)
     print(f"\nevent loop, top {args.top} by cumulative time (ms per request):")
     rows = sorted(stats.stats.items(), key=lambda item: item[1][3], reverse=True)  # type: ignore[attr-defined]
     shown = 0
