@@ -25,20 +25,9 @@ REVISIT_EVERY = 64
 SMOOTHING = 0.3
 
 
-def core_share() -> int:
-    """The cores this process may use for its forwards: the machine's, split among uvicorn's
-    worker processes (`WEB_CONCURRENCY`), since each runs forwards of its own."""
-    cores = torch.get_num_threads() or os.cpu_count() or 1
-    try:
-        workers = max(1, int(os.environ.get("WEB_CONCURRENCY", "1")))
-    except ValueError:
-        workers = 1
-    return max(1, cores // workers)
-
-
 def candidate_counts(cores: int | None = None) -> list[int]:
-    """One thread, half the cores and all of them (default: this process's share, `core_share`)."""
-    cores = cores or core_share()
+    """One thread, half the cores and all of them (torch's default is one per core)."""
+    cores = cores or torch.get_num_threads() or os.cpu_count() or 1
     return sorted({1, max(1, cores // 2), cores})
 
 

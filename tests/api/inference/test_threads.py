@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
-from api.inference.threads import REVISIT_EVERY, TRIALS, ThreadChooser, bucket, candidate_counts, core_share
+from api.inference.threads import REVISIT_EVERY, TRIALS, ThreadChooser, bucket, candidate_counts
 
 
 def test_candidates_and_buckets() -> None:
@@ -66,14 +65,3 @@ def test_choose_sets_torch() -> None:
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(default)
-
-
-def test_worker_processes_split_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
-    monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
-    assert core_share() == 8
-    monkeypatch.setenv("WEB_CONCURRENCY", "2")
-    assert core_share() == 4
-    assert candidate_counts() == [1, 2, 4]
-    monkeypatch.setenv("WEB_CONCURRENCY", "16")
-    assert candidate_counts() == [1]
