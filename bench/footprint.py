@@ -83,23 +83,12 @@ print(json.dumps({
 
 def export(arch: str, out_dir: Path) -> Path:
     """The arch's zero-shot classifier at random weights, exported as an adapted artifact."""
-    import torch
+    from bench.inference import Case, export_artifact
+    from services.must.spec import ModelSpec
 
-    from bench.shapes import CLASS_NAMES
-    from services.must.adapt import prepare
-    from services.must.export import export_classifier
-    from services.must.loading import ModelSpec
-
-    torch.manual_seed(0)
-    prepared = prepare(ModelSpec(arch=arch), CLASS_NAMES)
-    export_classifier(
-        prepared.classifier(),
-        out_dir,
-        model_cfg=prepared.clip.model_cfg,
-        templates=prepared.templates,
-        source_model=prepared.source_model(),
+    return export_artifact(
+        Case(ModelSpec(arch=arch), image_px=0, requests={}, raw_batches=0, raw_singles=0), out_dir
     )
-    return out_dir
 
 
 def measure(model_dir: Path, batch: int, image_px: int, release: bool = False) -> dict[str, Any]:

@@ -19,20 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-HEAVY = (
-    "open_clip",
-    "timm",
-    "torchvision",
-    "torch._dynamo",
-    "sympy",
-    "triton",
-    "huggingface_hub",
-    "ftfy",
-    "regex",
-    "celery",
-    "kombu",
-    "redis",
-)
+from bench.footprint import HEAVY
 
 
 def loaded_heavy() -> list[str]:
