@@ -13,7 +13,6 @@ loaded at all (it brings torch._dynamo, sympy and triton, about 170 MB).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -21,10 +20,9 @@ from typing import Any, Literal
 
 import torch
 
-log = logging.getLogger(__name__)
+from services.must.preprocess import PreprocessConfig
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
-JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 def autocast_dtype(device: str | torch.device, precision: Precision = "auto") -> torch.dtype | None:
@@ -32,9 +30,9 @@ def autocast_dtype(device: str | torch.device, precision: Precision = "auto") ->
 
     "auto" is fp16 on a CUDA GPU and fp32 on a CPU (where reduced precision is slower without
     AMX, and no faster with the small batches a server runs). fp16 rather than bf16: with 3
-    more bits of mantissa its probabilities stay within 0.003 of fp32 on the tiny CLIPs, where
-    bf16's drift up to 0.018 (64 target images each; test_device.py holds both to 1e-2 on
-    fewer). CLIP towers were trained in fp16, and a batch whose fp16 logits overflow is
+    more bits of mantissa its probabilities stay within 0.0022 of fp32 on the tiny CLIPs, where
+    bf16's drift up to 0.018 (64 target images each; test_device.py holds fp16 to 1e-2 and
+    bf16 to 3e-2 on 16). CLIP towers were trained in fp16, and a batch whose fp16 logits overflow is
     run again in fp32 (`run_forward`).
     """
     kind = torch.device(device).type
@@ -55,40 +53,32 @@ class TensorDecoder:
     """JPEG bytes to normalised pixels with torchvision's tensor operations on `device`.
 
     The same steps as the PIL preprocessing of a "shortest" resize mode: the shorter side
-    resized to `size` (antialiased, `interpolation`), a centre crop to `size` x `size`, then
-    `ToTensor` + `Normalize`. Resampling differs from PIL's by at most a few levels of 8 bits.
+    resized to `size` (antialiased, `interpolation`) and a centre crop to `size` x `size`,
+    giving 8-bit pixels that the forward normalises like PIL's (`pixels.normalize`).
+    Resampling differs from PIL's by at most a few levels of 8 bits.
     """
 
     size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
     interpolation: str
     device: torch.device
 
     @classmethod
-    def for_preprocess(cls, preprocess: Any, device: str | torch.device) -> TensorDecoder | None:
-        """A decoder for an open_clip-style preprocessing config, or None where it cannot follow it."""
+    def for_preprocess(cls, preprocess: PreprocessConfig, device: str | torch.device) -> TensorDecoder | None:
+        """A decoder for a classifier's preprocessing, or None where it cannot follow it."""
         size = preprocess.size if isinstance(preprocess.size, int) else tuple(preprocess.size)
         if isinstance(size, tuple):
             if len(size) != 2 or size[0] != size[1]:
                 return None
             size = size[0]
-        if getattr(preprocess, "resize_mode", "shortest") != "shortest":
-            return None
-        if preprocess.interpolation not in ("bicubic", "bilinear"):
-            return None
-        if getattr(preprocess, "mode", "RGB") != "RGB":
-            return None
-        return cls(
-            int(size),
-            tuple(preprocess.mean),
-            tuple(preprocess.std),
-            preprocess.interpolation,
-            torch.device(device),
+        follows = (
+            preprocess.resize_mode == "shortest"
+            and preprocess.interpolation in ("bicubic", "bilinear")
+            and preprocess.mode == "RGB"
         )
+        return cls(int(size), preprocess.interpolation, torch.device(device)) if follows else None
 
     def decode(self, images: Sequence[bytes]) -> torch.Tensor:
-        """[B, 3, size, size] normalised float pixels on the device; raises if any image cannot be decoded."""
+        """[B, 3, size, size] uint8 pixels on the device; raises if any image cannot be decoded."""
         from torchvision.io import ImageReadMode, decode_jpeg
         from torchvision.transforms.v2 import InterpolationMode
         from torchvision.transforms.v2 import functional as F
@@ -100,12 +90,4 @@ class TensorDecoder:
         for image in decoded:
             resized = F.resize(image, [self.size], interpolation=mode, antialias=True)
             out.append(F.center_crop(resized, [self.size, self.size]))
-        pixels = torch.stack(out).to(torch.float32).div_(255)
-        mean = torch.as_tensor(self.mean, dtype=torch.float32, device=self.device).view(-1, 1, 1)
-        std = torch.as_tensor(self.std, dtype=torch.float32, device=self.device).view(-1, 1, 1)
-        return pixels.sub_(mean).div_(std)
-
-
-def is_jpeg(data: bytes) -> bool:
-    """Whether bytes start like a JPEG file."""
-    return data[:3] == JPEG_MAGIC
+        return torch.stack(out)

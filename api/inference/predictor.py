@@ -45,7 +45,7 @@ from services.errors import ArtifactMissing, InvalidRequest, JobNotFound, Reques
 from services.jobs import repository
 from services.jobs.states import JobStatus
 from services.must.classifier import validate_class_names, validate_templates
-from services.must.data import ImageLoadError, load_image, open_image
+from services.must.data import ImageLoadError, check_pixels, load_image, open_image
 from services.must.errors import CheckpointError, MustError, WeightsUnavailable
 from services.must.export import MANIFEST, WEIGHTS, load_classifier, read_manifest
 from services.must.inference import ImageClassifier
@@ -498,15 +498,16 @@ class Predictor:
         decoder = model.decoder
         if decoder is None:
             return None
-        chosen = [(i, image) for i, image in opened if image.format == "JPEG"]
-        for i, image in chosen:
-            width, height = image.size
-            if width * height > self.max_image_pixels:
-                error = ImageLoadError(
-                    "too_many_pixels", f"{width}x{height} > {self.max_image_pixels} pixels"
-                )
-                rejected[i] = ImageRejected(images[i][0], error.reason, public_reason(error))
-        chosen = [(i, image) for i, image in chosen if rejected[i] is None]
+        chosen = []
+        for i, image in opened:
+            if image.format != "JPEG":
+                continue
+            try:  # the limit load_image would apply
+                self._guarded(images[i][0], check_pixels, image, self.max_image_pixels)
+            except ImageRejected as exc:
+                rejected[i] = exc
+                continue
+            chosen.append((i, image))
         if not chosen:
             return None
         try:
@@ -551,15 +552,15 @@ class Predictor:
         indices, device_pixels = on_device
         if pixels is None:
             return device_pixels
-        # Both parts as normalised floats on the device, back in the request's order.
-        pixels = normalize(pixels.to(device_pixels.device), model.classifier)
-        joined = torch.cat([device_pixels, pixels])
+        # Both parts are 8-bit (a decoder exists only for a split preprocessing): joined on the
+        # device, back in the request's order.
+        joined = torch.cat([device_pixels, pixels.to(device_pixels.device)])
         position = {index: row for row, index in enumerate(indices + order)}
         return joined[[position[i] for i in sorted(position)]]
 
     @staticmethod
-    def _guarded(name: str, step: Callable[..., Image.Image], *args: Any, **kwargs: Any) -> Image.Image:
-        """`open_image` or `load_image`, with a failure as the named image's rejection."""
+    def _guarded(name: str, step: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`open_image`, `check_pixels` or `load_image`, with a failure as the named image's rejection."""
         try:
             return step(*args, **kwargs)
         except ImageLoadError as exc:

@@ -190,19 +190,11 @@ def _threshold(fields: ModelFields, served: ServedModel) -> float | None:
     return fields.min_probability if fields.min_probability is not None else served.min_probability
 
 
-def _label(predictions: list[Prediction], threshold: float | None) -> tuple[str | None, bool]:
+def _label(top: str, probability: float, threshold: float | None) -> tuple[str | None, bool]:
     """The top label, or (None, True) when its probability is below the abstain threshold."""
-    top = predictions[0]
-    if threshold is not None and top.probability < threshold:
+    if threshold is not None and probability < threshold:
         return None, True
-    return top.label, False
-
-
-def _file_result(name: str, outcome: list[Prediction] | ImageRejected, threshold: float | None) -> FileResult:
-    if isinstance(outcome, ImageRejected):
-        return FileResult(filename=name, error=FileError(reason=outcome.reason, message=outcome.detail))
-    label, abstained = _label(outcome, threshold)
-    return FileResult(filename=name, label=label, abstained=abstained, predictions=outcome)
+    return top, False
 
 
 def _source(fields: ModelFields) -> PredictionSource:
@@ -236,7 +228,7 @@ async def predict_url(
     assert not isinstance(predictions, ImageRejected)  # a lone unusable image raises instead
     record_predictions(request, _source(fields), 1)
     threshold = _threshold(fields, served)
-    label, abstained = _label(predictions, threshold)
+    label, abstained = _label(predictions[0].label, predictions[0].probability, threshold)
     return PredictResponse(
         **_about(served),
         min_probability=threshold,
@@ -296,9 +288,7 @@ def _batch_json(
                 {"filename": name, "label": None, "abstained": False, "predictions": [], "error": error}
             )
             continue
-        top = outcome[0]
-        abstained = threshold is not None and top["probability"] < threshold
-        label = None if abstained else top["label"]
+        label, abstained = _label(outcome[0]["label"], outcome[0]["probability"], threshold)
         results.append(
             {"filename": name, "label": label, "abstained": abstained, "predictions": outcome, "error": None}
         )

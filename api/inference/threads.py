@@ -1,11 +1,11 @@
 """How many intra-op threads a CPU forward gets, chosen per model and batch size by timing real forwards.
 
 No single count is right: on the 2-core development machine a one-image forward of the tiny
-CLIP takes 3.1 ms on one thread and 3.6 ms on two, while a batch of 8 takes 14.9 ms on one and
-8.3 ms on two (`python -m bench.inference`); a ViT-B-32 is faster on every core at any batch
-size; and while the event loop is busy, a thread that has to share its core can make a forward
-slower than fewer threads would. So each (model, batch size) bucket times every candidate a
-few times, then keeps the fastest and re-times the others now and then, since the load changes.
+CLIP took 3.1 ms on one thread and 3.6 ms on two, while a batch of 8 took 14.9 ms on one and
+8.3 ms on two (the bare classifier timed in a loop); and while the event loop is busy, a thread
+that has to share its core can make a forward slower than fewer threads would. So each
+(model, batch size) bucket times every candidate a few times, then keeps the fastest and
+re-times the others now and then, since the load changes.
 """
 
 from __future__ import annotations

@@ -63,18 +63,6 @@ class ImageLoadError(Exception):
         self.reason = reason
 
 
-def image_size(data: bytes) -> tuple[int, int] | None:
-    """An image's (width, height) from its header alone, or None if PIL cannot read one."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as img:
-                width, height = img.size
-    except Exception:  # not an image, or a header PIL rejects: decode_image will say which
-        return None
-    return width, height
-
-
 def _reduce_factor(size: tuple[int, int], min_side: int | None) -> int:
     """An integer downscale that keeps the shorter side at least twice `min_side` (1: none)."""
     if not min_side:
@@ -111,15 +99,21 @@ def open_image(data: bytes, *, max_bytes: int = 50_000_000) -> Image.Image:
 
 def load_image(img: Image.Image, *, max_pixels: int = 50_000_000, min_side: int | None = None) -> Image.Image:
     """Decode an `open_image` into an RGB image (see `decode_image`), or raise ImageLoadError."""
+    check_pixels(img, max_pixels)
     width, height = img.size
-    if width * height > max_pixels:
-        raise ImageLoadError("too_many_pixels", f"{width}x{height} > {max_pixels} pixels")
     with _image_errors():
         factor = _reduce_factor(img.size, min_side)
         if factor > 1 and img.format == "JPEG":
             img.draft("RGB", (width // factor, height // factor))
         img.load()
         return _reduced(img, _reduce_factor(img.size, min_side))
+
+
+def check_pixels(img: Image.Image, max_pixels: int) -> None:
+    """ImageLoadError("too_many_pixels") for an `open_image` larger than `max_pixels`."""
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageLoadError("too_many_pixels", f"{width}x{height} > {max_pixels} pixels")
 
 
 @contextmanager

@@ -15,6 +15,7 @@ from PIL import Image
 
 from api.inference.device import TensorDecoder, autocast_dtype
 from api.inference.errors import ImageRejected
+from api.inference.pixels import normalize
 from api.inference.predictor import Predictor, ServedModel, run_forward
 from bench.glyphs import CLASS_NAMES as GLYPH_NAMES
 from bench.glyphs import sample as glyph_sample
@@ -83,7 +84,10 @@ def test_tensor_decoding_matches_pil_preprocessing(classifier: ImageClassifier) 
     assert decoder is not None
     jpegs = _photos(10)
 
-    pixels = decoder.decode(jpegs)
+    decoded = decoder.decode(jpegs)
+
+    assert decoded.dtype == torch.uint8
+    pixels = normalize(decoded, classifier)
 
     expected = classifier.preprocess([Image.open(io.BytesIO(data)) for data in jpegs])
     assert pixels.shape == expected.shape

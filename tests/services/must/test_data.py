@@ -19,7 +19,7 @@ from services.must.data import (
     ResumableSampler,
     SkipReport,
     decode_image,
-    image_size,
+    open_image,
     scan_folder,
 )
 
@@ -151,11 +151,12 @@ def test_decode_image_keeps_images_below_four_times_the_input_side() -> None:
     assert decode_image(_encode(image, "PNG")).size == (800, 600)
 
 
-def test_image_size_reads_the_header() -> None:
+def test_open_image_reads_the_header() -> None:
     data = _encode(Image.new("RGB", (640, 480)), "PNG")
 
-    assert image_size(data) == (640, 480)
-    assert image_size(b"not an image") is None
+    assert open_image(data).size == (640, 480)
+    with pytest.raises(ImageLoadError, match="not_an_image"):
+        open_image(b"not an image")
 
 
 def test_skip_report_keeps_at_most_five_examples() -> None:
