@@ -7,13 +7,14 @@ The service runs in this process under uvicorn, on the artifact and job database
 flight. Prints, per request:
 
 - with one request in flight, the median time of each stage, from the request entering the ASGI
-  app to its answer leaving: route (body, form, model lookup) → decoding thread → forward
-  queue → forward → rows back on the event loop → answer written;
+  app to its answer leaving: route (body, form, model lookup) → decoding → forward queue →
+  forward → rows back on the event loop → answer written (a lone small request runs decoding
+  and forward on the event loop itself, so its queue and hand-off back take no time);
 - with more, the forwards: how many, their mean batch, and how much of the run the forward
   thread was busy (near 100%: the model is the bottleneck; well below: the service is);
-- the CPU time per request of the event loop thread, the decoding threads and the forward
-  thread (`time.thread_time`), and the event loop's most costly functions by cumulative time
-  (cProfile runs on the event loop thread only; its times are wall times, so they include
+- the CPU time per request of the event loop thread, and of the decoding and forward steps in
+  whichever thread ran them (`time.thread_time`), and the event loop's most costly functions by
+  cumulative time (cProfile runs on the event loop thread only; its times are wall times, so they include
   waits for the GIL that the other threads hold).
 
 cProfile slows Python code by about half again, so the absolute figures are higher than in
@@ -98,15 +99,22 @@ def instrument(marks: Marks) -> None:
     import api.inference.batching as batching
     from api.inference.predictor import Predictor
 
-    marks.around(Predictor, "_preprocess", "decode_start", "decode_end")
+    marks.around(Predictor, "_decode", "decode_start", "decode_end")
     marks.around(Predictor, "forward", "forward_start", "forward_end")
-    resolve = batching._resolve
+    resolve, run_here = batching._resolve, Predictor._run_here
 
     def answered(*args: Any) -> None:
         marks.mark("answered")
         resolve(*args)
 
+    def answered_here(*args: Any, **kwargs: Any) -> Any:
+        result = run_here(*args, **kwargs)
+        if result is not None:  # the request ran on the event loop: no hand-off back
+            marks.mark("answered")
+        return result
+
     batching._resolve = answered  # type: ignore[assignment]
+    Predictor._run_here = answered_here  # type: ignore[method-assign]
 
 
 def main() -> None:
@@ -192,16 +200,19 @@ def report(
     wall = marks.stamps["asgi_out"][-1] - marks.stamps["asgi_in"][0]
     print(
         f"\nforwards: {len(starts)}, mean batch {served / max(1, len(starts)):.1f} images, "
-        f"forward thread busy {100 * busy / wall:.0f}% of the run"
+        f"forwards busy {100 * busy / wall:.0f}% of the run"
     )
     print(
         "\nCPU per request (ms):"
         if not args.top
         else "\nCPU per request (ms; the event loop's includes cProfile's own cost):"
     )
+    print(
+        "  (decoding and forward: in whichever thread ran them; a lone request runs both on the event loop)"
+    )
     print(f"  event loop thread   {loop_cpu / served * 1e3:8.3f}")
-    print(f"  decoding threads    {marks.cpu.get('_preprocess', 0.0) / served * 1e3:8.3f}")
-    print(f"  forward thread      {marks.cpu.get('forward', 0.0) / served * 1e3:8.3f}")
+    print(f"  decoding            {marks.cpu.get('_decode', 0.0) / served * 1e3:8.3f}")
+    print(f"  forward             {marks.cpu.get('forward', 0.0) / served * 1e3:8.3f}")
     if not args.top:
         return
     stats = pstats.Stats(profile)

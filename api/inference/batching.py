@@ -12,6 +12,11 @@ A batch waits only for requests that were already on their way when it started c
 once; under a steady load a batch never waits for requests that arrive after it began (which,
 at 32 requests in flight, would hold every batch for the whole wait); and on a slow device the
 requests that arrive together are not split into a small batch and a large one.
+
+When nothing is queued, running or on its way, the request's own event loop may `claim` the
+forward and run a small request start to end itself (`run_here`): at one request in flight the
+two thread hand-offs and the wake-up back cost more than the tiny CLIP's whole forward
+(bench.profile_inference). While a claim is held the forward thread waits.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import contextlib
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -101,6 +107,11 @@ class MicroBatcher:
         self._ready = threading.Condition()
         self._closed = False
         self._last_forward_s = 0.0
+        # Whether the forward thread runs a batch, or a caller holds a claim.
+        self._running = False
+        self._claimed = False
+        # Seconds of each loaded model's latest one-image forward.
+        self._single_s: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
         # One long-lived thread: torch keeps one team of intra-op threads per calling thread.
         self._thread: threading.Thread | None = None
 
@@ -162,10 +173,11 @@ class MicroBatcher:
     def _collect(self) -> list[Work] | None:
         """The next batch (None once closed): what is queued, plus what was incoming at the start."""
         with self._ready:
-            while not self._queue and not self._closed:
+            while (not self._queue or self._claimed) and not self._closed:
                 self._ready.wait()
             if self._closed:
                 return None
+            self._running = True
             batch = [self._queue.popleft()]
             size = len(batch[0].pixels)
             expected = self._incoming
@@ -192,26 +204,75 @@ class MicroBatcher:
             groups: dict[int, list[Work]] = {}
             for work in batch:
                 groups.setdefault(id(work.classifier), []).append(work)
-            for items in groups.values():
-                self._execute(items)
+            try:
+                for items in groups.values():
+                    self._execute(items)
+            finally:
+                with self._ready:
+                    self._running = False
+                    self._ready.notify_all()
+
+    # ---- a request run by its own caller ---------------------------------------------------------
+
+    def single_seconds(self, classifier: Any) -> float | None:
+        """How long the model's latest one-image forward took (None before its first)."""
+        with contextlib.suppress(TypeError):  # an object without weak references is not remembered
+            return self._single_s.get(classifier)
+        return None
+
+    def claim(self, arrival: Arrival | None = None) -> bool:
+        """Take the forward for the caller when no other request is queued, running or on its way.
+
+        `arrival`, the caller's own request, stops counting as incoming. Every successful claim
+        is ended by `unclaim`; meanwhile the forward thread waits.
+        """
+        with self._ready:
+            own = 1 if arrival is not None and arrival._batcher is self else 0
+            if self._closed or self._claimed or self._running or self._queue or self._incoming > own:
+                return False
+            if own:
+                arrival._batcher = None  # type: ignore[union-attr]
+                self._incoming -= 1
+            self._claimed = True
+            return True
+
+    def unclaim(self) -> None:
+        """End a claim; the forward thread takes what was queued meanwhile."""
+        with self._ready:
+            self._claimed = False
+            self._ready.notify_all()
+
+    def run_here(self, classifier: Any, pixels: torch.Tensor) -> torch.Tensor:
+        """One forward in the calling thread, under a claim: timed and threaded like a batch."""
+        return self._timed_forward(classifier, pixels)
+
+    # ---- the forward thread ----------------------------------------------------------------------
+
+    def _timed_forward(self, classifier: Any, pixels: torch.Tensor) -> torch.Tensor:
+        """The forward, on the thread count the chooser picks; its time is recorded."""
+        chooser, key = self.threads, (id(classifier), len(pixels))
+        threads = chooser.choose(key) if chooser is not None else None
+        start = time.perf_counter()
+        probs = self.forward(classifier, pixels)
+        elapsed = time.perf_counter() - start
+        self._last_forward_s = elapsed
+        if len(pixels) == 1:
+            with contextlib.suppress(TypeError):
+                self._single_s[classifier] = elapsed
+        if chooser is not None and threads is not None:
+            chooser.record(key, threads, elapsed)
+        return probs
 
     def _execute(self, items: list[Work]) -> None:
         parts = [work.pixels for work in items]
         pixels = torch.cat(parts) if len(parts) > 1 else parts[0]
-        chooser, key = self.threads, (id(items[0].classifier), len(pixels))
-        threads = chooser.choose(key) if chooser is not None else None
-        start = time.perf_counter()
         try:
-            probs = self.forward(items[0].classifier, pixels)
+            probs = self._timed_forward(items[0].classifier, pixels)
         except Exception as exc:  # every request of the batch gets the error; the thread goes on
             log.exception("a batched forward failed")
             for work in items:
                 answer(work, error=exc)
             return
-        elapsed = time.perf_counter() - start
-        self._last_forward_s = elapsed
-        if chooser is not None and threads is not None:
-            chooser.record(key, threads, elapsed)
         offset = 0
         for work in items:
             rows = probs[offset : offset + len(work.pixels)]

@@ -62,6 +62,11 @@ Ranked = list[dict[str, Any]]
 TRIM_AFTER_PIXELS = 4_000_000
 # Threads that load models: this many slow loads (downloads) at once before further loads queue.
 LOAD_THREADS = 8
+# A request runs on its event loop, skipping the decoding and forward threads, only while the
+# service is otherwise idle, for one image of at most this many pixels, on a model whose one-image
+# forward takes at most this long (the tiny CLIP on a CPU, a ViT-B-32 on a GPU; not a CPU ViT-B-32).
+RUN_HERE_MAX_PIXELS = 1024 * 1024
+RUN_HERE_MAX_FORWARD_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -430,11 +435,39 @@ class Predictor:
         Raises the rejection when the only image is unusable, NoUsableImages when none of
         several is, and RequestTooLarge when the images hold too many pixels together.
         """
+        here = self._run_here(model, images, top_k, arrival)
+        if here is not None:
+            return here
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Ranked | ImageRejected]] = loop.create_future()
         work = Work(model.classifier, _NO_PIXELS, loop, future)
         self._pool.submit(self._decode_and_queue, model, images, top_k, arrival, work)
         return await future
+
+    def _run_here(
+        self, model: ServedModel, images: Sequence[tuple[str, bytes]], top_k: int, arrival: Arrival | None
+    ) -> list[Ranked | ImageRejected] | None:
+        """The answer computed on the calling event loop, or None to send the request through the threads.
+
+        Only while no other request is queued, running or on its way (`MicroBatcher.claim`),
+        and only for one image of at most RUN_HERE_MAX_PIXELS by its header, for a model whose
+        latest one-image forward took at most RUN_HERE_MAX_FORWARD_S: the loop is held for about
+        that long, and anything larger is better off on the threads.
+        """
+        forward_s = self.batcher.single_seconds(model.classifier)
+        if len(images) != 1 or forward_s is None or forward_s > RUN_HERE_MAX_FORWARD_S:
+            return None
+        opened, rejected = self._open(images)
+        if any(image.width * image.height > RUN_HERE_MAX_PIXELS for _, image in opened):
+            return None
+        if not self.batcher.claim(arrival):
+            return None
+        try:
+            pixels, rejected = self._usable(self._decode(model, images, opened, rejected))
+            probs = self.batcher.run_here(model.classifier, pixels)
+            return _rank(model.classifier, rejected, top_k, probs)
+        finally:
+            self.batcher.unclaim()
 
     def _decode_and_queue(
         self,
@@ -448,17 +481,24 @@ class Predictor:
         if work.future.done():  # the client went away while it waited for a thread
             return
         try:
-            pixels, rejected = self._preprocess(model, images)
-        except Exception as exc:  # RequestTooLarge, or a bug: the request fails, the thread goes on
+            pixels, rejected = self._usable(self._preprocess(model, images))
+        except Exception as exc:  # a rejection, too large, or a bug: the request fails, the thread goes on
             answer(work, error=exc)
-            return
-        if pixels is None:
-            errors = [error for error in rejected if error is not None]
-            answer(work, error=errors[0] if len(errors) == 1 else NoUsableImages(errors))
             return
         work.pixels = pixels
         work.finish = partial(_rank, model.classifier, rejected, top_k)
         self.batcher.put(work, arrival)
+
+    @staticmethod
+    def _usable(
+        decoded: tuple[torch.Tensor | None, list[ImageRejected | None]],
+    ) -> tuple[torch.Tensor, list[ImageRejected | None]]:
+        """The decoded pixels, or the rejection (NoUsableImages for several) when no image was usable."""
+        pixels, rejected = decoded
+        if pixels is None:
+            errors = [error for error in rejected if error is not None]
+            raise errors[0] if len(errors) == 1 else NoUsableImages(errors)
+        return pixels, rejected
 
     def _preprocess(
         self, model: ServedModel, images: Sequence[tuple[str, bytes]]
@@ -470,6 +510,13 @@ class Predictor:
         one is decoded, so a request holds at most one full-size image at a time. Memory freed
         by a large decode is handed back to the system at the end.
         """
+        opened, rejected = self._open(images)
+        return self._decode(model, images, opened, rejected)
+
+    def _open(
+        self, images: Sequence[tuple[str, bytes]]
+    ) -> tuple[list[tuple[int, Image.Image]], list[ImageRejected | None]]:
+        """Every image's header read (by index), or its rejection; RequestTooLarge beyond the pixel budget."""
         rejected: list[ImageRejected | None] = [None] * len(images)
         opened: list[tuple[int, Image.Image]] = []
         for i, (name, data) in enumerate(images):
@@ -477,7 +524,18 @@ class Predictor:
                 opened.append((i, self._guarded(name, open_image, data, max_bytes=self.max_image_bytes)))
             except ImageRejected as exc:
                 rejected[i] = exc
-        pixels = self._check_pixel_budget([image.size for _, image in opened])
+        self._check_pixel_budget([image.size for _, image in opened])
+        return opened, rejected
+
+    def _decode(
+        self,
+        model: ServedModel,
+        images: Sequence[tuple[str, bytes]],
+        opened: list[tuple[int, Image.Image]],
+        rejected: list[ImageRejected | None],
+    ) -> tuple[torch.Tensor | None, list[ImageRejected | None]]:
+        """The opened images decoded and preprocessed, on the model's device decoder where it has one."""
+        pixels = sum(image.width * image.height for _, image in opened)
         try:
             on_device = self._decode_on_device(model, images, opened, rejected)
             return self._decode_with_pil(model, images, opened, rejected, on_device), rejected

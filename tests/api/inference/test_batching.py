@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import pytest
@@ -110,3 +111,54 @@ def test_batch_cap_by_device() -> None:
 
 def test_cpu_service_batches_up_to_sixteen(client: TestClient) -> None:
     assert client.app.state.predictor.batcher.max_batch == 8  # type: ignore[attr-defined]
+
+
+def test_a_claim_is_granted_only_while_nothing_else_is_queued_or_on_its_way() -> None:
+    batcher = MicroBatcher(lambda _, pixels: pixels)
+    own, other = Arrival(batcher), Arrival(batcher)
+    assert not batcher.claim(own)  # another request is on its way
+    other.close()
+
+    assert batcher.claim(own)
+    assert batcher.incoming == 0  # the claimed request no longer counts as incoming
+    assert not batcher.claim()  # one claim at a time
+    batcher.unclaim()
+    assert batcher.claim()
+    batcher.unclaim()
+
+
+def test_the_forward_thread_waits_for_a_claim_and_then_takes_what_was_queued() -> None:
+    served, threads = _served(), []
+
+    def forward(_: Any, pixels: torch.Tensor) -> torch.Tensor:
+        threads.append(threading.current_thread().name)
+        return torch.zeros(len(pixels), 2)
+
+    async def scenario() -> None:
+        batcher = MicroBatcher(forward)
+        try:
+            pixels = torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+            assert batcher.claim()
+            queued = asyncio.ensure_future(batcher.submit(served, pixels))
+            await asyncio.sleep(0.2)
+            assert not queued.done()  # held while the claim lasts
+            assert batcher.run_here(served, pixels).shape == (1, 2)
+            batcher.unclaim()
+            assert (await queued).shape == (1, 2)
+        finally:
+            await batcher.close()
+
+    asyncio.run(scenario())
+    assert threads == [threading.current_thread().name, "forward"]
+
+
+def test_one_image_forwards_are_timed_per_model() -> None:
+    classifier = _served().classifier
+    batcher = MicroBatcher(lambda _, pixels: torch.zeros(len(pixels), 2))
+    assert batcher.single_seconds(classifier) is None
+    assert batcher.claim()
+    batcher.run_here(classifier, torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+    batcher.unclaim()
+    seconds = batcher.single_seconds(classifier)
+    assert seconds is not None
+    assert 0 < seconds < 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -240,3 +241,33 @@ def test_concurrent_requests_are_micro_batched(
     assert len(calls) < 16
     for answer, want in zip(answers, expected(exports[0], images), strict=True):
         assert by_label(answer.json()["results"][0]["predictions"]) == pytest.approx(want, abs=1e-5)
+
+
+def test_a_lone_small_request_runs_on_its_event_loop_once_the_model_is_timed(
+    client: TestClient,
+    session_factory: sessionmaker[Session],
+    store: S3ObjectStore,
+    exports: tuple[Export, Export],
+    images: list[Image.Image],
+) -> None:
+    job_id = succeeded_job(session_factory, store, exports[0])
+    predictor = client.app.state.predictor  # type: ignore[attr-defined]
+    forward, threads = predictor.batcher.forward, []
+
+    def observed(classifier: Any, pixels: torch.Tensor) -> torch.Tensor:
+        threads.append((threading.current_thread().name, len(pixels)))
+        return forward(classifier, pixels)
+
+    predictor.batcher.forward = observed
+    fields = {"adaptation_id": job_id, "top_k": str(K)}
+    answers = [client.post("/predict", data=fields, files=upload([image])) for image in images[:3]]
+    answers.append(client.post("/predict", data=fields, files=upload(images[3:5])))
+
+    # The first forward of a model goes to the forward thread and times it; a later lone
+    # one-image request skips the threads; a request of two images takes them again.
+    assert [name == "forward" for name, _ in threads] == [True, False, False, True]
+    assert [size for _, size in threads] == [1, 1, 1, 2]
+    wanted = expected(exports[0], images[:5])
+    got = [result["predictions"] for answer in answers for result in answer.json()["results"]]
+    for predictions, want in zip(got, wanted, strict=True):
+        assert by_label(predictions) == pytest.approx(want, abs=1e-5)

@@ -65,3 +65,16 @@ def test_choose_sets_torch() -> None:
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(default)
+
+
+def test_one_slow_forward_does_not_switch_the_count() -> None:
+    chooser = ThreadChooser([1, 2])
+    key = ("model", 1)
+    _run(chooser, key, {1: 0.002, 2: 0.005}, 2 * TRIALS + 10)
+
+    # One forward on one thread took ten times its usual time (another process had the core).
+    chooser.record(key, chooser.pick(key), 0.020)
+    assert chooser.chosen(key) == 1
+    picks = _run(chooser, key, {1: 0.002, 2: 0.005}, REVISIT_EVERY)
+
+    assert picks.count(2) == 1  # the one scheduled re-timing of the other count
