@@ -37,7 +37,7 @@ def test_training_bench_runs_the_engine_and_a_staged_job(tmp_path: Path, moto_s3
     assert result["runs"]["job (default)"]["stage_s"] > 0
 
 
-def test_inference_profile_reports_stages_threads_and_the_event_loop() -> None:
+def test_inference_profile_reports_stages_steps_and_the_event_loop() -> None:
     run = subprocess.run(
         [
             sys.executable,
@@ -58,6 +58,6 @@ def test_inference_profile_reports_stages_threads_and_the_event_loop() -> None:
 
     assert run.returncode == 0, run.stderr[-2000:]
     assert "forward_start -> forward_end" in run.stdout
-    assert "forward thread busy" in run.stdout
-    assert "decoding threads" in run.stdout
+    assert "forwards busy" in run.stdout
+    assert "decoding  " in run.stdout
     assert "event loop, top 5" in run.stdout
