@@ -5,19 +5,13 @@ CLIP took 3.1 ms on one thread and 3.6 ms on two, while a batch of 8 took 14.9 m
 8.3 ms on two (the bare classifier timed in a loop); and while the event loop is busy, a thread
 that has to share its core can make a forward slower than fewer threads would. So each
 (model, batch size) bucket times every candidate a few times, then keeps the fastest and
-re-times the others now and then, since the load changes. A candidate's cost is the median of
-its latest few timings, or its newest when that is lower: on a shared machine one forward in a
-hundred may take several times its usual time, and a running average moved by such a forward
-made the service pick the slower count for the next few dozen forwards (bench.profile_inference,
-one request in flight); a revisit that finds a candidate faster switches to it at once.
+re-times the others now and then, since the load changes.
 """
 
 from __future__ import annotations
 
 import os
-import statistics
 import threading
-from collections import deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
@@ -27,8 +21,8 @@ import torch
 TRIALS = 3
 # After that, every this many forwards of a bucket one other candidate is timed again.
 REVISIT_EVERY = 64
-# A candidate's cost is the median of this many of its latest timings.
-WINDOW = 5
+# Weight of the newest timing in a candidate's running average.
+SMOOTHING = 0.3
 
 
 def candidate_counts(cores: int | None = None) -> list[int]:
@@ -44,17 +38,9 @@ def bucket(batch_size: int) -> int:
 
 @dataclass
 class _Bucket:
-    # Per candidate, its latest timings (seconds per image).
-    timings: dict[int, deque[float]] = field(default_factory=dict)
+    seconds: dict[int, float] = field(default_factory=dict)
     trials: dict[int, int] = field(default_factory=dict)
     forwards: int = 0
-
-    def cost(self, threads: int) -> float:
-        """The median of the latest timings, or the newest if it is lower: only other load slows
-        a forward down, so one slow timing is noise while one fast timing is news (a revisit
-        finding its candidate faster now that a core is free)."""
-        timings = self.timings[threads]
-        return min(timings[-1], statistics.median(timings))
 
 
 class ThreadChooser:
@@ -80,7 +66,7 @@ class ThreadChooser:
             untried = [n for n in self.candidates if entry.trials.get(n, 0) < TRIALS]
             if untried:
                 return min(untried, key=lambda n: entry.trials.get(n, 0))
-            best = min(self.candidates, key=entry.cost)
+            best = min(self.candidates, key=lambda n: entry.seconds[n])
             if entry.forwards % REVISIT_EVERY == 0:
                 others = [n for n in self.candidates if n != best]
                 if others:
@@ -92,8 +78,16 @@ class ThreadChooser:
         with self._lock:
             entry = self._buckets.setdefault((key[0], bucket(key[1])), _Bucket())
             # Per image, so batch sizes within a bucket compare.
-            entry.timings.setdefault(threads, deque(maxlen=WINDOW)).append(seconds / max(1, key[1]))
-            entry.trials[threads] = entry.trials.get(threads, 0) + 1
+            per_image = seconds / max(1, key[1])
+            count = entry.trials.get(threads, 0)
+            old = entry.seconds.get(threads)
+            if old is None:
+                entry.seconds[threads] = per_image
+            elif count < TRIALS:
+                entry.seconds[threads] = min(old, per_image)  # the first trials: the best is the cost
+            else:
+                entry.seconds[threads] = (1 - SMOOTHING) * old + SMOOTHING * per_image
+            entry.trials[threads] = count + 1
 
     def chosen(self, key: tuple[Hashable, int]) -> int | None:
         """The count a bucket settled on (None while it still times its candidates)."""
@@ -101,4 +95,4 @@ class ThreadChooser:
             entry = self._buckets.get((key[0], bucket(key[1])))
             if entry is None or any(entry.trials.get(n, 0) < TRIALS for n in self.candidates):
                 return None
-            return min(self.candidates, key=entry.cost)
+            return min(self.candidates, key=lambda n: entry.seconds[n])

@@ -65,28 +65,3 @@ def test_choose_sets_torch() -> None:
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(default)
-
-
-def test_one_slow_forward_does_not_switch_the_count() -> None:
-    chooser = ThreadChooser([1, 2])
-    key = ("model", 1)
-    _run(chooser, key, {1: 0.002, 2: 0.005}, 2 * TRIALS + 10)
-
-    # One forward on one thread took ten times its usual time (another process had the core).
-    chooser.record(key, chooser.pick(key), 0.020)
-    assert chooser.chosen(key) == 1
-    picks = _run(chooser, key, {1: 0.002, 2: 0.005}, REVISIT_EVERY)
-
-    assert picks.count(2) == 1  # the one scheduled re-timing of the other count
-
-
-def test_one_fast_revisit_switches_at_once() -> None:
-    chooser = ThreadChooser([1, 2])
-    key = ("model", 8)
-    _run(chooser, key, {1: 0.002, 2: 0.004}, 2 * TRIALS)  # two threads were slow: a core was busy
-    assert chooser.chosen(key) == 1
-
-    # The core is free again: the first revisit of two threads finds it twice as fast as one.
-    picks = _run(chooser, key, {1: 0.002, 2: 0.001}, REVISIT_EVERY + 5)
-
-    assert picks[REVISIT_EVERY - 2 * TRIALS :] == [2] * (2 * TRIALS + 5)
