@@ -216,9 +216,18 @@ class MicroBatcher:
 
     def single_seconds(self, classifier: Any) -> float | None:
         """How long the model's latest one-image forward took (None before its first)."""
-        with contextlib.suppress(TypeError):  # an object without weak references is not remembered
-            return self._single_s.get(classifier)
-        return None
+        return self._single_s.get(classifier)
+
+    def claimable(self, arrival: Arrival | None = None) -> bool:
+        """Whether `claim` would succeed now (a cheap look before work that only a claim needs)."""
+        with self._ready:
+            return self._free_for(arrival)
+
+    def _free_for(self, arrival: Arrival | None) -> bool:
+        """Nothing but `arrival` queued, running or on its way (called with the lock held)."""
+        own = 1 if arrival is not None and arrival._batcher is self else 0
+        busy = self._closed or self._claimed or self._running or bool(self._queue)
+        return not busy and self._incoming <= own
 
     def claim(self, arrival: Arrival | None = None) -> bool:
         """Take the forward for the caller when no other request is queued, running or on its way.
@@ -227,11 +236,10 @@ class MicroBatcher:
         is ended by `unclaim`; meanwhile the forward thread waits.
         """
         with self._ready:
-            own = 1 if arrival is not None and arrival._batcher is self else 0
-            if self._closed or self._claimed or self._running or self._queue or self._incoming > own:
+            if not self._free_for(arrival):
                 return False
-            if own:
-                arrival._batcher = None  # type: ignore[union-attr]
+            if arrival is not None and arrival._batcher is self:
+                arrival._batcher = None
                 self._incoming -= 1
             self._claimed = True
             return True
@@ -257,8 +265,7 @@ class MicroBatcher:
         elapsed = time.perf_counter() - start
         self._last_forward_s = elapsed
         if len(pixels) == 1:
-            with contextlib.suppress(TypeError):
-                self._single_s[classifier] = elapsed
+            self._single_s[classifier] = elapsed
         if chooser is not None and threads is not None:
             chooser.record(key, threads, elapsed)
         return probs

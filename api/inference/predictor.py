@@ -457,6 +457,8 @@ class Predictor:
         forward_s = self.batcher.single_seconds(model.classifier)
         if len(images) != 1 or forward_s is None or forward_s > RUN_HERE_MAX_FORWARD_S:
             return None
+        if not self.batcher.claimable(arrival):  # under load: no header read on the loop for nothing
+            return None
         opened, rejected = self._open(images)
         if any(image.width * image.height > RUN_HERE_MAX_PIXELS for _, image in opened):
             return None

@@ -23,6 +23,11 @@ def _served() -> ServedModel:
     return ServedModel("tiny", classifier, {})
 
 
+def _classifier() -> Any:
+    """What the predictor hands the batcher: the loaded classifier."""
+    return _served().classifier
+
+
 def _batches(*, counted: bool, announced_after_s: float = 0.0) -> list[int]:
     """Forward sizes when a second request reaches the batcher 100 ms after the first.
 
@@ -30,7 +35,7 @@ def _batches(*, counted: bool, announced_after_s: float = 0.0) -> list[int]:
     it were still in its job lookup when the first one was queued; `announced_after_s` later
     than the first request's queueing.
     """
-    served, sizes = _served(), []
+    served, sizes = _classifier(), []
 
     def forward(_: Any, pixels: torch.Tensor) -> torch.Tensor:
         sizes.append(len(pixels))
@@ -73,7 +78,7 @@ def test_a_batch_does_not_wait_for_requests_announced_after_it_began() -> None:
 
 
 def test_a_failed_forward_fails_its_requests_and_the_batcher_goes_on() -> None:
-    served, calls = _served(), []
+    served, calls = _classifier(), []
 
     def forward(_: Any, pixels: torch.Tensor) -> torch.Tensor:
         calls.append(len(pixels))
@@ -116,6 +121,7 @@ def test_cpu_service_batches_up_to_sixteen(client: TestClient) -> None:
 def test_a_claim_is_granted_only_while_nothing_else_is_queued_or_on_its_way() -> None:
     batcher = MicroBatcher(lambda _, pixels: pixels)
     own, other = Arrival(batcher), Arrival(batcher)
+    assert not batcher.claimable(own)
     assert not batcher.claim(own)  # another request is on its way
     other.close()
 
@@ -128,7 +134,7 @@ def test_a_claim_is_granted_only_while_nothing_else_is_queued_or_on_its_way() ->
 
 
 def test_the_forward_thread_waits_for_a_claim_and_then_takes_what_was_queued() -> None:
-    served, threads = _served(), []
+    served, threads = _classifier(), []
 
     def forward(_: Any, pixels: torch.Tensor) -> torch.Tensor:
         threads.append(threading.current_thread().name)
@@ -153,7 +159,7 @@ def test_the_forward_thread_waits_for_a_claim_and_then_takes_what_was_queued() -
 
 
 def test_one_image_forwards_are_timed_per_model() -> None:
-    classifier = _served().classifier
+    classifier = _classifier()
     batcher = MicroBatcher(lambda _, pixels: torch.zeros(len(pixels), 2))
     assert batcher.single_seconds(classifier) is None
     assert batcher.claim()
