@@ -1,20 +1,23 @@
 """The inference service against the bare model it serves, measured in one run on one machine.
 
-    .venv/bin/python -m bench.inference [--models tiny,vit-b-32] [--rounds 2] [--workers 1]
+    .venv/bin/python -m bench.inference [--models tiny,vit-b-32] [--rounds 3] [--workers 1]
 
 For each model an adapted artifact is exported (the tiny CLIP, and open_clip's `ViT-B-32` with
 random weights and a zero-shot head from its random text tower), recorded as a succeeded
 adaptation in a SQLite job database and a local artifacts store, and served by the inference
 service under uvicorn in a subprocess (`--workers` processes; uvicorn's default is one).
 Clients on loopback keep 1, 8 and 32 `POST /predict` requests of one JPEG each in flight.
-Between those runs the bench process runs the same classifier on the same images,
-preprocessed the way the service does it: a batched forward in a tight loop and a
-single-image forward. Measurements alternate over `--rounds` and each side keeps its best
-round, since other load on a shared machine only ever slows a run down.
+Right before and right after the runs at 32 and at 1 in flight, the bench process runs the same
+classifier on the same images, preprocessed the way the service does it: a batched forward in a
+tight loop, or a single-image forward, at one intra-op thread and at one per core (the bare
+model's best counts). A shared machine's speed drifts from minute to minute by more than the
+differences measured, so each round compares the service with the bare model measured seconds
+around it, and the ratios are the median over `--rounds` of those bracketed ratios.
 
 Prints a table and, as its last line, one JSON object with, per model, `throughput_ratio_32`
 (service images/s at 32 in flight / raw batched images/s) and `latency_ratio_1` (service p50 at
-1 in flight / raw single-image forward), and the peak RSS of the service's largest process.
+1 in flight / raw single-image forward), each round's ratios, the ratios as each side's best
+round alone would give them (`best_of_rounds`), and the peak RSS of the service's largest process.
 """
 
 from __future__ import annotations
@@ -80,12 +83,28 @@ class Level:
 
 @dataclass
 class Round:
-    """One pass over every measurement."""
+    """One pass over every measurement, each service level bracketed by the bare model's figure."""
 
     # Keyed by torch's intra-op thread count: the bare model is given its best setting.
-    raw_batched_images_per_s: dict[int, float] = field(default_factory=dict)
-    raw_single_ms: dict[int, float] = field(default_factory=dict)
+    raw_batched_images_per_s: dict[int, list[float]] = field(default_factory=dict)
+    raw_single_ms: dict[int, list[float]] = field(default_factory=dict)
     service: dict[int, Level] = field(default_factory=dict)
+
+    def best_batched(self) -> list[float]:
+        """Per bracketing measurement, the bare model's batched images/s at its best thread count."""
+        return [max(runs) for runs in zip(*self.raw_batched_images_per_s.values(), strict=True)]
+
+    def best_single(self) -> list[float]:
+        """Per bracketing measurement, the bare model's one-image ms at its best thread count."""
+        return [min(runs) for runs in zip(*self.raw_single_ms.values(), strict=True)]
+
+    def throughput_ratio_32(self) -> float:
+        """Service images/s at 32 in flight over the bare model's, measured just before and after."""
+        return self.service[32].images_per_s / statistics.mean(self.best_batched())
+
+    def latency_ratio_1(self) -> float:
+        """Service p50 at 1 in flight over the bare one-image forward, measured just before and after."""
+        return self.service[1].p50_ms / statistics.mean(self.best_single())
 
 
 # ---- artifact and the service's world --------------------------------------------------------
@@ -249,26 +268,43 @@ def thread_counts() -> list[int]:
     return sorted({1, torch.get_num_threads()})
 
 
-def run_round(
-    case: Case, classifier: ImageClassifier, pixels: torch.Tensor, port: int, requests: list[bytes]
-) -> Round:
-    """Raw batched and raw single at each thread count, then the service at each level."""
-    result = Round()
+def _raw(result: Round, classifier: ImageClassifier, pixels: torch.Tensor, case: Case, batched: bool) -> None:
+    """One bare-model measurement at each thread count, appended to the round."""
     default = torch.get_num_threads()
     for threads in thread_counts():
         torch.set_num_threads(threads)
-        result.raw_batched_images_per_s[threads] = raw_batched(classifier, pixels, case.raw_batches)
-        result.raw_single_ms[threads] = raw_single_ms(classifier, pixels, case.raw_singles)
+        if batched:
+            figure = raw_batched(classifier, pixels, case.raw_batches)
+            result.raw_batched_images_per_s.setdefault(threads, []).append(figure)
+        else:
+            figure = raw_single_ms(classifier, pixels, case.raw_singles)
+            result.raw_single_ms.setdefault(threads, []).append(figure)
     torch.set_num_threads(default)
+
+
+def run_round(
+    case: Case, classifier: ImageClassifier, pixels: torch.Tensor, port: int, requests: list[bytes]
+) -> Round:
+    """The service at each level; the two that are compared with the bare model are bracketed by it.
+
+    The speed of a shared machine drifts by more than the differences measured here, so each
+    ratio compares the service with the bare model measured seconds before and after it.
+    """
+    result = Round()
     for level in LEVELS:
+        bare = {1: False, 32: True}.get(level)
+        if bare is not None:
+            _raw(result, classifier, pixels, case, batched=bare)
         result.service[level] = measure_service(port, requests, level, case.requests[level])
+        if bare is not None:
+            _raw(result, classifier, pixels, case, batched=bare)
     return result
 
 
 def summarize(rounds: list[Round], rss_mb: float) -> dict[str, Any]:
-    """Best of the rounds for each figure, and the two ratios."""
-    raw_batched_best = max(max(r.raw_batched_images_per_s.values()) for r in rounds)
-    raw_single_best = min(min(r.raw_single_ms.values()) for r in rounds)
+    """The ratios: the median over rounds of each round's bracketed ratio; and each side's best figures."""
+    raw_batched_best = max(max(r.best_batched()) for r in rounds)
+    raw_single_best = min(min(r.best_single()) for r in rounds)
     service = {}
     for level in LEVELS:
         runs = [r.service[level] for r in rounds]
@@ -276,8 +312,15 @@ def summarize(rounds: list[Round], rss_mb: float) -> dict[str, Any]:
             max(x.images_per_s for x in runs), min(x.p50_ms for x in runs), min(x.p95_ms for x in runs)
         )
     return {
-        "throughput_ratio_32": round(service[32].images_per_s / raw_batched_best, 3),
-        "latency_ratio_1": round(service[1].p50_ms / raw_single_best, 3),
+        "throughput_ratio_32": round(statistics.median(r.throughput_ratio_32() for r in rounds), 3),
+        "latency_ratio_1": round(statistics.median(r.latency_ratio_1() for r in rounds), 3),
+        "rounds_throughput_ratio_32": [round(r.throughput_ratio_32(), 3) for r in rounds],
+        "rounds_latency_ratio_1": [round(r.latency_ratio_1(), 3) for r in rounds],
+        # Each side's best round, as earlier versions of this bench computed the ratios.
+        "best_of_rounds": {
+            "throughput_ratio_32": round(service[32].images_per_s / raw_batched_best, 3),
+            "latency_ratio_1": round(service[1].p50_ms / raw_single_best, 3),
+        },
         "raw_batched_images_per_s": round(raw_batched_best, 2),
         "raw_single_ms": round(raw_single_best, 2),
         "service": {
@@ -322,21 +365,26 @@ def bench_model(
 
 
 def print_round(name: str, index: int, result: Round) -> None:
-    """One table row per measurement of a round."""
-    for threads, images_per_s in result.raw_batched_images_per_s.items():
-        print(
-            f"{name:<9} round {index}  raw, {threads} thread(s): batched {images_per_s:9.2f} img/s   "
-            f"single {result.raw_single_ms[threads]:8.2f} ms"
-        )
+    """One table row per measurement of a round, and its two bracketed ratios."""
+    for threads, figures in result.raw_batched_images_per_s.items():
+        shown = " / ".join(f"{x:.2f}" for x in figures)
+        print(f"{name:<9} round {index}  raw, {threads} thread(s): batched {shown} img/s (around @32)")
+    for threads, figures in result.raw_single_ms.items():
+        shown = " / ".join(f"{x:.2f}" for x in figures)
+        print(f"{name:<9} round {index}  raw, {threads} thread(s): single {shown} ms (around @1)")
     for level, x in result.service.items():
         print(
             f"{name:<9} round {index}  service @{level:<3} {x.images_per_s:9.2f} img/s   "
             f"p50 {x.p50_ms:8.2f} ms   p95 {x.p95_ms:8.2f} ms"
         )
+    print(
+        f"{name:<9} round {index}  ratios: throughput @32 {result.throughput_ratio_32():.3f}, "
+        f"latency @1 {result.latency_ratio_1():.3f}"
+    )
 
 
 def print_summary(results: dict[str, dict[str, Any]]) -> None:
-    """The best-of-rounds table."""
+    """Each side's best figures over the rounds, and the median of the rounds' bracketed ratios."""
     print(
         f"\n{'model':<9} {'raw img/s':>10} {'svc@32 img/s':>13} {'ratio32':>8} "
         f"{'raw 1 ms':>9} {'svc@1 p50':>10} {'ratio1':>7} {'svc@8 img/s':>12} {'RSS MB':>8}"
@@ -348,6 +396,12 @@ def print_summary(results: dict[str, dict[str, Any]]) -> None:
             f"{r['throughput_ratio_32']:>8.3f} {r['raw_single_ms']:>9.2f} {s['1']['p50_ms']:>10.2f} "
             f"{r['latency_ratio_1']:>7.3f} {s['8']['images_per_s']:>12.2f} {r['service_peak_rss_mb']:>8.1f}"
         )
+        print(
+            f"{'':<9} rounds' ratios: @32 {r['rounds_throughput_ratio_32']}, "
+            f"@1 {r['rounds_latency_ratio_1']}; "
+            f"best of rounds: @32 {r['best_of_rounds']['throughput_ratio_32']}, "
+            f"@1 {r['best_of_rounds']['latency_ratio_1']}"
+        )
 
 
 def main() -> None:
@@ -357,7 +411,7 @@ def main() -> None:
     parser.add_argument(
         "--models", default=",".join(CASES), help=f"comma-separated, among {', '.join(CASES)}"
     )
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
         "--workers", type=int, default=1, help="uvicorn worker processes of the service (default 1)"
     )

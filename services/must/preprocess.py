@@ -171,6 +171,8 @@ def _resize_keep_ratio(image: Image.Image, height: int, width: int) -> Image.Ima
 def center_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     """torchvision's `CenterCrop(size)` of a PIL image: zero padding where it is smaller, then the crop."""
     crop_height, crop_width = size
+    if image.size == (crop_width, crop_height):
+        return image  # a crop of the whole image would only copy it
     if crop_width > image.width or crop_height > image.height:
         image = _pad_to(image, crop_height, crop_width)
         if image.size == (crop_width, crop_height):

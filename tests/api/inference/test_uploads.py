@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from python_multipart.multipart import MultipartParser
 
-from api.inference.uploads import MAX_FIELDS, boundary_of, parse_form
+from api.inference.uploads import _PLAIN_DISPOSITION, MAX_FIELDS, _disposition, boundary_of, parse_form
 from services.errors import InvalidRequest, RequestTooLarge
 
 BOUNDARY = "b0undary-x"
@@ -151,3 +151,41 @@ def test_too_many_files_or_fields_are_refused() -> None:
     fields = _body([(f"f{i}", None, b"x") for i in range(MAX_FIELDS + 1)])
     with pytest.raises(InvalidRequest, match="text fields"):
         parse_form(fields, CONTENT_TYPE, max_files=2)
+
+
+def _general_disposition(value: bytes) -> tuple[str, str | None] | None:
+    from python_multipart.multipart import parse_options_header
+
+    kind, options = parse_options_header(value)
+    if kind != b"form-data" or b"name" not in options:
+        return None
+    filename = options.get(b"filename")
+    return options[b"name"].decode(), None if filename is None else filename.decode()
+
+
+header_text = st.text(alphabet='abc_. ;="\\:\r\né-', max_size=12)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(header_text, names), st.one_of(st.none(), header_text, names))
+def test_the_plain_header_reading_agrees_with_the_general_parser(name: str, filename: str | None) -> None:
+    value = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename is not None else "")
+    headers = b"Content-Disposition: " + value.encode()
+    if b"\r" in headers or b"\n" in headers:
+        return  # not a header line
+
+    try:
+        ours: tuple[str, str | None] | None = _disposition(headers)
+    except InvalidRequest:
+        ours = None
+
+    assert ours == _general_disposition(value.encode())
+
+
+def test_headers_written_otherwise_are_read_by_the_general_parser() -> None:
+    assert _PLAIN_DISPOSITION.fullmatch(b'form-data; name="files"; filename="a.jpg"') is not None
+    # Escapes, other spacing and other case are not the plain form, and still read right.
+    assert _disposition(b'Content-Disposition: form-data; name="a\\"b"') == ('a"b', None)
+    assert _disposition(b"Content-Disposition: Form-Data;name=x; filename=y.png") == ("x", "y.png")
+    assert boundary_of('multipart/form-data; boundary="quoted b"') == b"quoted b"
+    assert boundary_of(CONTENT_TYPE) == BOUNDARY.encode()
