@@ -6,13 +6,21 @@ CLIP took 3.1 ms on one thread and 3.6 ms on two, while a batch of 8 took 14.9 m
 that has to share its core can make a forward slower than fewer threads would. So each
 (model, batch size) bucket times every candidate a few times, then keeps the fastest and
 re-times the others now and then, since the load changes.
+
+The load also changes from outside: another worker process of the service on the same cores.
+A one-image ViT-B-32 forward timed while the other worker was busy made one thread look best,
+and the bucket kept one thread (and a forward 1.4x slower) once it was alone, until its 64th
+forward, a minute later. So a candidate's timing goes stale after `STALE_S`: a stale candidate
+is re-timed after `REVISIT_MIN` forwards instead of `REVISIT_EVERY`, and its new timing replaces
+the old estimate instead of being averaged with it.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Hashable, Sequence
+import time
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +29,9 @@ import torch
 TRIALS = 3
 # After that, every this many forwards of a bucket one other candidate is timed again.
 REVISIT_EVERY = 64
+# A stale candidate (not timed for STALE_S seconds) is re-timed once this many forwards passed.
+REVISIT_MIN = 8
+STALE_S = 2.0
 # Weight of the newest timing in a candidate's running average.
 SMOOTHING = 0.3
 
@@ -40,14 +51,21 @@ def bucket(batch_size: int) -> int:
 class _Bucket:
     seconds: dict[int, float] = field(default_factory=dict)
     trials: dict[int, int] = field(default_factory=dict)
+    # time.monotonic() of each candidate's latest timing.
+    timed_at: dict[int, float] = field(default_factory=dict)
     forwards: int = 0
+    # The bucket's forward count at its latest revisit.
+    revisited_at: int = 0
 
 
 class ThreadChooser:
     """Chooses and sets torch's intra-op thread count before each forward; `record` times it."""
 
-    def __init__(self, candidates: Sequence[int] | None = None) -> None:
+    def __init__(
+        self, candidates: Sequence[int] | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.candidates = list(candidates or candidate_counts())
+        self.clock = clock
         self._buckets: dict[Hashable, _Bucket] = {}
         self._lock = threading.Lock()
 
@@ -67,10 +85,15 @@ class ThreadChooser:
             if untried:
                 return min(untried, key=lambda n: entry.trials.get(n, 0))
             best = min(self.candidates, key=lambda n: entry.seconds[n])
-            if entry.forwards % REVISIT_EVERY == 0:
-                others = [n for n in self.candidates if n != best]
-                if others:
-                    return others[(entry.forwards // REVISIT_EVERY) % len(others)]
+            others = [n for n in self.candidates if n != best]
+            if not others:
+                return best
+            since = entry.forwards - entry.revisited_at
+            stalest = min(others, key=lambda n: entry.timed_at[n])
+            stale = self.clock() - entry.timed_at[stalest] >= STALE_S
+            if since >= REVISIT_EVERY or (since >= REVISIT_MIN and stale):
+                entry.revisited_at = entry.forwards
+                return stalest
             return best
 
     def record(self, key: tuple[Hashable, int], threads: int, seconds: float) -> None:
@@ -81,7 +104,10 @@ class ThreadChooser:
             per_image = seconds / max(1, key[1])
             count = entry.trials.get(threads, 0)
             old = entry.seconds.get(threads)
-            if old is None:
+            now = self.clock()
+            stale = now - entry.timed_at.get(threads, now) >= STALE_S
+            entry.timed_at[threads] = now
+            if old is None or (stale and count >= TRIALS):
                 entry.seconds[threads] = per_image
             elif count < TRIALS:
                 entry.seconds[threads] = min(old, per_image)  # the first trials: the best is the cost

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from api.inference.threads import REVISIT_EVERY, TRIALS, ThreadChooser, bucket, candidate_counts
+from api.inference.threads import (
+    REVISIT_EVERY,
+    REVISIT_MIN,
+    STALE_S,
+    TRIALS,
+    ThreadChooser,
+    bucket,
+    candidate_counts,
+)
 
 
 def test_candidates_and_buckets() -> None:
@@ -55,6 +63,52 @@ def test_a_change_of_load_is_noticed_by_the_revisits() -> None:
 
     assert chooser.chosen(key) == 2
     assert picks[-REVISIT_EVERY:].count(2) >= REVISIT_EVERY - 1
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_stale_timing_is_retaken_soon_and_replaces_the_estimate() -> None:
+    clock = _Clock()
+    chooser = ThreadChooser([1, 2], clock=clock)
+    key = ("vit", 1)
+    # Timed while another worker kept the other core busy: one thread looked best.
+    _run(chooser, key, {1: 0.20, 2: 0.30}, 2 * TRIALS)
+    assert chooser.chosen(key) == 1
+
+    # Within STALE_S, only the usual revisits.
+    picks = _run(chooser, key, {1: 0.20, 2: 0.13}, REVISIT_EVERY // 2)
+    assert set(picks) == {1}
+
+    # Seconds later, alone: two threads is re-timed within REVISIT_MIN forwards, and one fresh
+    # timing is enough to switch (an average with 0.30 would not be below 0.20).
+    clock.now += STALE_S
+    picks = _run(chooser, key, {1: 0.20, 2: 0.13}, REVISIT_MIN + 4)
+
+    assert 2 in picks[: REVISIT_MIN + 1]
+    assert chooser.chosen(key) == 2
+    assert picks[-3:] == [2, 2, 2]
+
+
+def test_a_stale_bucket_is_not_revisited_on_every_forward() -> None:
+    clock = _Clock()
+    chooser = ThreadChooser([1, 2], clock=clock)
+    key = ("vit", 8)
+    _run(chooser, key, {1: 0.10, 2: 0.30}, 2 * TRIALS)
+
+    picks = []
+    for _ in range(4 * REVISIT_MIN):
+        clock.now += STALE_S  # every timing of the other count is stale by the next forward
+        picks += _run(chooser, key, {1: 0.10, 2: 0.30}, 1)
+
+    # One forward in REVISIT_MIN at most goes to the slower count.
+    assert picks.count(2) <= 4
+    assert chooser.chosen(key) == 1
 
 
 def test_choose_sets_torch() -> None:
