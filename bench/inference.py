@@ -196,29 +196,44 @@ async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
         raise RuntimeError(f"{lines[0]}: {body[:300]!r}")
 
 
-async def _client(
-    port: int, requests: list[bytes], queue: asyncio.Queue[int], latencies: list[float]
-) -> None:
-    """One connection that sends requests one after another until the queue is empty."""
+@dataclass
+class _Load:
+    """What the clients of one load share: how many answers to count, and those counted."""
+
+    total: int
+    sent: int = 0
+    latencies: list[float] = field(default_factory=list)
+    # time.perf_counter() when the last counted answer came back.
+    end: float = 0.0
+
+
+async def _client(port: int, requests: list[bytes], load: _Load) -> None:
+    """One connection sending requests back to back until `load.total` answers came back.
+
+    Every client keeps sending until then, so as many requests are in flight at the last counted
+    answer as at the first. (A load that drained a fixed number of requests would end with fewer
+    and fewer in flight: for a model whose batch takes a second, a large part of a short run.)
+    """
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        while not queue.empty():
-            i = queue.get_nowait()
+        while len(load.latencies) < load.total:
+            request = requests[load.sent % len(requests)]
+            load.sent += 1
             start = time.perf_counter()
-            await _exchange(reader, writer, requests[i % len(requests)])
-            latencies.append(time.perf_counter() - start)
+            await _exchange(reader, writer, request)
+            if len(load.latencies) < load.total:  # answers after the last counted one are not
+                load.latencies.append(time.perf_counter() - start)
+                load.end = time.perf_counter()
     finally:
         writer.close()
 
 
 async def _load(port: int, requests: list[bytes], in_flight: int, total: int) -> tuple[float, list[float]]:
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(total):
-        queue.put_nowait(i)
-    latencies: list[float] = []
+    """Seconds until the `total`-th answer, and the latencies of the first `total` answers."""
+    load = _Load(total)
     start = time.perf_counter()
-    await asyncio.gather(*(_client(port, requests, queue, latencies) for _ in range(in_flight)))
-    return time.perf_counter() - start, latencies
+    await asyncio.gather(*(_client(port, requests, load) for _ in range(in_flight)))
+    return load.end - start, load.latencies
 
 
 def measure_service(port: int, requests: list[bytes], in_flight: int, total: int) -> Level:
