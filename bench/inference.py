@@ -5,7 +5,8 @@
 For each model an adapted artifact is exported (the tiny CLIP, and open_clip's `ViT-B-32` with
 random weights and a zero-shot head from its random text tower), recorded as a succeeded
 adaptation in a SQLite job database and a local artifacts store, and served by the inference
-service under uvicorn in a subprocess (`--workers` processes; uvicorn's default is one).
+service in a subprocess as compose runs it (`python -m api.inference.serve`, `--workers`
+processes, one by default).
 Clients on loopback keep 1, 8 and 32 `POST /predict` requests of one JPEG each in flight.
 Right before and right after the runs at 32 and at 1 in flight, the bench process runs the same
 classifier on the same images, preprocessed the way the service does it: a batched forward in a
@@ -364,17 +365,16 @@ def bench_model(
     pixels = preprocessed(classifier, jpegs)
     requests = [predict_request(job_id, data) for data in jpegs]
     port = free_port()
-    args = [sys.executable, "-m", "uvicorn", "api.inference.main:create_app", "--factory"]
-    # No access log, as a deployment would run it; one worker process unless asked for more.
-    args += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log"]
-    args += ["--workers", str(workers)]
+    # As compose runs it (api.inference.serve), without the access log; one worker unless asked.
+    args = [sys.executable, "-m", "api.inference.serve", "--host", "127.0.0.1", "--port", str(port)]
+    args += ["--log-level", "warning", "--no-access-log", "--workers", str(workers)]
     results = []
     with running(args, f"http://127.0.0.1:{port}/healthz", env, root / "uvicorn.log") as server:
         for i in range(rounds):
             print(f"[{name}] round {i + 1}/{rounds}", file=sys.stderr)
             results.append(run_round(case, classifier, pixels, port, requests))
             print_round(name, i + 1, results[-1])
-        # With several workers, uvicorn's own process only supervises them.
+        # With several workers, the launcher's own process only supervises them.
         rss = max(peak_rss_mb(pid) for pid in [server.pid, *children(server.pid)])
     return {**summarize(results, rss), "workers": workers}
 
@@ -428,7 +428,7 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
-        "--workers", type=int, default=1, help="uvicorn worker processes of the service (default 1)"
+        "--workers", type=int, default=1, help="worker processes of the service (default 1)"
     )
     parser.add_argument(
         "--service-env",

@@ -30,4 +30,4 @@ VOLUME ["/var/cache/must"]
 EXPOSE 8001
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8001/healthz', timeout=4)"]
-CMD ["uvicorn", "api.inference.main:create_app", "--factory", "--host", "0.0.0.0", "--port", "8001", "--proxy-headers"]
+CMD ["python", "-m", "api.inference.serve", "--host", "0.0.0.0", "--port", "8001", "--proxy-headers"]
