@@ -427,9 +427,7 @@ def main() -> None:
         "--models", default=",".join(CASES), help=f"comma-separated, among {', '.join(CASES)}"
     )
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument(
-        "--workers", type=int, default=1, help="worker processes of the service (default 1)"
-    )
+    parser.add_argument("--workers", type=int, default=1, help="worker processes of the service (default 1)")
     parser.add_argument(
         "--service-env",
         action="append",
