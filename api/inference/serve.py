@@ -18,6 +18,7 @@ configuration error) stops the service with that status, since another would fai
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -62,8 +63,14 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve_one(options: ServeOptions) -> None:
-    """One worker: uvicorn serving the inference app on a socket of its own."""
+def serve_one(options: ServeOptions, supervisor: int | None = None) -> None:
+    """One worker: uvicorn serving the inference app on a socket of its own.
+
+    `supervisor`: the pid of the process that started it; the worker stops when that one dies
+    (even by SIGKILL), so no worker outlives its service.
+    """
+    if supervisor is not None:
+        _stop_with(supervisor)
     config = uvicorn.Config(
         APP,
         factory=True,
@@ -77,6 +84,14 @@ def serve_one(options: ServeOptions) -> None:
     server.run(sockets=[listening_socket(options.host, options.port)])
     if not server.started:
         sys.exit(STARTUP_FAILURE)
+
+
+def _stop_with(parent: int) -> None:
+    """Have the kernel send this process SIGTERM when its parent exits (Linux's PR_SET_PDEATHSIG)."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        sys.exit(0)
 
 
 def supervise(options: ServeOptions) -> int:
@@ -107,7 +122,7 @@ def supervise(options: ServeOptions) -> int:
 
 
 def _start(context: multiprocessing.context.SpawnContext, options: ServeOptions) -> BaseProcess:
-    worker = context.Process(target=serve_one, args=(options,), name="inference-worker")
+    worker = context.Process(target=serve_one, args=(options, os.getpid()), name="inference-worker")
     worker.start()
     return worker
 

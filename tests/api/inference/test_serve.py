@@ -118,6 +118,28 @@ def test_a_worker_that_dies_is_replaced_and_sigterm_stops_all(
     assert not children(proc.pid)
 
 
+def test_the_workers_stop_when_the_supervisor_is_killed(
+    service: tuple[subprocess.Popen[bytes], int],
+) -> None:
+    proc, port = service
+    workers = _listening_workers(proc.pid, port)
+
+    proc.kill()
+    proc.wait(timeout=10)
+
+    deadline = time.monotonic() + 60
+    while any(Path(f"/proc/{pid}").exists() and _alive(pid) for pid in workers):
+        assert time.monotonic() < deadline, "a worker outlived its supervisor"
+        time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_workers_default_to_web_concurrency(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WEB_CONCURRENCY", "3")
     assert parse_args([]).workers == 3
