@@ -32,6 +32,9 @@ from types import FrameType
 
 import uvicorn
 
+from api.common.logs import use_json_logs
+from services.config import get_settings
+
 APP = "api.inference.main:create_app"
 # uvicorn's exit status when the app fails to start.
 STARTUP_FAILURE = 3
@@ -167,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     if options.workers == 1:
         serve_one(options)
         return
+    use_json_logs(get_settings())  # the workers' lines are JSON objects in that mode; so are these
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sys.exit(supervise(options))
 
