@@ -128,12 +128,13 @@ def test_the_workers_stop_when_the_supervisor_is_killed(
     proc.wait(timeout=10)
 
     deadline = time.monotonic() + 60
-    while any(Path(f"/proc/{pid}").exists() and _alive(pid) for pid in workers):
+    while any(_alive(pid) for pid in workers):
         assert time.monotonic() < deadline, "a worker outlived its supervisor"
         time.sleep(0.2)
 
 
 def _alive(pid: int) -> bool:
+    """Whether the process exists and has not exited (a zombie has)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
